@@ -1,0 +1,117 @@
+"""What a proxy does to header fields, on raw bytes both ways (RFC 9110 section 7.6, Go's ReverseProxy).
+
+* Hop-by-hop fields are removed in both directions, and so is every field named in ``Connection``.
+* Framing (``Content-Length``, ``Transfer-Encoding``) is never copied: the proxy re-derives it from what
+  it actually sends.
+* ``X-Forwarded-For`` gets the client address appended when the peer is a trusted proxy, otherwise
+  the incoming value is replaced; ``X-Forwarded-Proto`` and ``X-Forwarded-Host`` likewise.
+
+Fields stay ``bytes`` from the parser to the socket: no decoding, so non-ASCII octets pass unchanged.
+The tables are built once at import time; the per-request work is one pass over the fields.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Sequence
+
+RawHeaders = Sequence[tuple[bytes, bytes]]
+
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
+    b"upgrade", b"proxy-authorization", b"proxy-authenticate",
+})
+# Dropped from requests: hop-by-hop, framing (re-derived), and the forwarding fields we rewrite.
+_REQUEST_DROP = HOP_BY_HOP | {b"content-length", b"x-forwarded-for", b"x-forwarded-proto",
+                              b"x-forwarded-host", b"expect"}
+# Dropped from responses: hop-by-hop and framing.
+_RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
+
+
+def connection_tokens(headers: RawHeaders) -> frozenset[bytes]:
+    """Lower-cased field names listed in ``Connection`` (they are hop-by-hop too)."""
+    names: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            names.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return frozenset(names)
+
+
+class TrustedProxies:
+    """Which peers may hand us ``X-Forwarded-*`` values that we keep and extend."""
+
+    __slots__ = ("_cache", "_networks")
+
+    def __init__(self, cidrs: Iterable[str] = ()) -> None:
+        self._networks = tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
+        self._cache: dict[str, bool] = {}
+
+    def __contains__(self, peer: str) -> bool:
+        if not self._networks:
+            return False
+        hit = self._cache.get(peer)
+        if hit is None:
+            try:
+                address = ipaddress.ip_address(peer)
+            except ValueError:
+                hit = False
+            else:
+                hit = any(address in net for net in self._networks)
+            if len(self._cache) < 4096:
+                self._cache[peer] = hit
+        return hit
+
+
+def request_fields(headers: RawHeaders, client_ip: bytes, trusted: bool, scheme: bytes = b"http") -> bytes:
+    """The header block (without the request line and final CRLF) to send upstream."""
+    drop = _REQUEST_DROP
+    out: list[bytes] = []
+    forwarded_for = b""
+    forwarded_proto = b""
+    forwarded_host = b""
+    host = b""
+    has_connection = False
+    for name, value in headers:
+        lname = name.lower()
+        if lname in drop:
+            if lname == b"connection":
+                has_connection = True
+            elif trusted:
+                if lname == b"x-forwarded-for":
+                    forwarded_for = forwarded_for + b", " + value if forwarded_for else value
+                elif lname == b"x-forwarded-proto":
+                    forwarded_proto = value
+                elif lname == b"x-forwarded-host":
+                    forwarded_host = value
+            continue
+        if lname == b"host":
+            host = value
+        out.append(name + b": " + value + b"\r\n")
+    if has_connection:
+        listed = connection_tokens(headers)
+        if listed:
+            out = [line for line in out if line.split(b":", 1)[0].lower() not in listed]
+    out.append(b"X-Forwarded-For: " + (forwarded_for + b", " + client_ip if forwarded_for else client_ip)
+               + b"\r\n")
+    out.append(b"X-Forwarded-Proto: " + (forwarded_proto or scheme) + b"\r\n")
+    if forwarded_host or host:
+        out.append(b"X-Forwarded-Host: " + (forwarded_host or host) + b"\r\n")
+    return b"".join(out)
+
+
+def response_fields(headers: RawHeaders) -> bytes:
+    """The upstream response's header block minus hop-by-hop and framing fields."""
+    drop = _RESPONSE_DROP
+    out: list[bytes] = []
+    has_connection = False
+    for name, value in headers:
+        lname = name.lower()
+        if lname in drop:
+            has_connection = has_connection or lname == b"connection"
+            continue
+        out.append(name + b": " + value + b"\r\n")
+    if has_connection:
+        listed = connection_tokens(headers)
+        if listed:
+            out = [line for line in out if line.split(b":", 1)[0].lower() not in listed]
+    return b"".join(out)

@@ -1,0 +1,327 @@
+"""The request path: route -> snapshot -> pick -> lease -> send -> stream back.
+
+Runs as the handler of aiohttp's low-level ``web.Server`` (no router, no middlewares). Requests and
+responses are streamed; header fields travel as raw bytes (see :mod:`balancer.headers`); the response
+head is written by :class:`ProxyResponse` from those bytes instead of aiohttp's ``str`` headers.
+
+Every failure maps to a status in one table, :data:`FAILURES`. Before the first response byte reaches
+the client, a failed attempt may be tried again:
+
+* on the **same** backend, once, on a fresh connection, when a *reused* keep-alive connection turned
+  out to be closed by the backend before any response byte arrived (the keep-alive race), and
+* on a **different** backend, up to ``retries`` times, for idempotent requests (or ones carrying an
+  ``Idempotency-Key``) after a connect failure, an empty reply or a response timeout,
+
+in both cases only if the request body can be replayed (no body, or one small enough that we kept it).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+from aiohttp.http_writer import HttpVersion10, HttpVersion11
+
+from .errors import (
+    NoBackendAvailable,
+    PoolTimeout,
+    UpstreamClosed,
+    UpstreamConnectError,
+    UpstreamConnectTimeout,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamReadTimeout,
+    UpstreamResponseTimeout,
+)
+from .headers import TrustedProxies, request_fields, response_fields
+from .pool import ConnectionPool, UpstreamPools
+from .registry import Backend, BackendSet, Registry
+from .routing import Router
+from .selection import Selector
+from .upstream import ResponseHead, UpstreamConnection
+
+log = logging.getLogger(__name__)
+
+# Failure -> (status, short name for logs/metrics). The one place where errors become statuses.
+FAILURES: dict[type[UpstreamError], tuple[int, str]] = {
+    NoBackendAvailable: (503, "no_backend"),
+    PoolTimeout: (503, "pool_timeout"),
+    UpstreamConnectError: (502, "connect_error"),
+    UpstreamConnectTimeout: (504, "connect_timeout"),
+    UpstreamResponseTimeout: (504, "response_timeout"),
+    UpstreamReadTimeout: (504, "read_timeout"),
+    UpstreamProtocolError: (502, "protocol_error"),
+    UpstreamClosed: (502, "upstream_closed"),
+}
+REASONS = {502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout",
+           404: b"Not Found"}
+
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+# Request bodies up to this size are read before sending, so the request can be replayed.
+REPLAY_BODY_LIMIT = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class PoolRuntime:
+    """What the proxy needs per configured pool, built once at start-up."""
+
+    name: str
+    backends: BackendSet
+    selector: Selector
+    connect_timeout_s: float
+    response_timeout_s: float
+    read_timeout_s: float
+    retries: int
+
+
+class ProxyResponse(web.StreamResponse):
+    """A streamed response whose head is the upstream's raw header bytes plus framing we derive."""
+
+    _send_headers_immediately = False   # head goes out with the first body bytes, in one write
+
+    def __init__(self, status: int, reason: bytes, fields: bytes, length: int | None) -> None:
+        super().__init__(status=status)
+        self._raw_reason = reason
+        self._raw_fields = fields
+        self._raw_length = length
+
+    async def _prepare_headers(self) -> None:
+        request = self._req
+        writer = self._payload_writer
+        assert request is not None and writer is not None
+        keep_alive = request.keep_alive if self._keep_alive is None else self._keep_alive
+        framing = b""
+        if self._must_be_empty_body:
+            if self._raw_length is not None and request.method == "HEAD":
+                framing = b"Content-Length: %d\r\n" % self._raw_length
+        elif self._raw_length is not None:
+            writer.length = self._raw_length
+            framing = b"Content-Length: %d\r\n" % self._raw_length
+        elif request.version >= HttpVersion11:
+            writer.enable_chunking()
+            framing = b"Transfer-Encoding: chunked\r\n"
+        else:
+            keep_alive = False          # HTTP/1.0 client, unknown length: the close delimits
+        if not keep_alive and request.version >= HttpVersion11:
+            framing += b"Connection: close\r\n"
+        elif keep_alive and request.version == HttpVersion10:
+            framing += b"Connection: keep-alive\r\n"
+        self._keep_alive = keep_alive
+        self._framing = framing
+
+    async def _write_headers(self) -> None:
+        writer = self._payload_writer
+        assert writer is not None
+        writer._headers_buf = b"".join((
+            b"HTTP/1.1 %d " % self._status, self._raw_reason, b"\r\n",
+            self._raw_fields, self._framing, b"\r\n"))
+        writer._headers_written = False
+
+
+def error_response(status: int, kind: str) -> web.Response:
+    reason = REASONS.get(status, b"Error").decode()
+    response = web.Response(status=status, text=f"{status} {reason}\n")
+    response.headers["X-Balancer-Error"] = kind
+    if status == 503:
+        response.headers["Retry-After"] = "1"
+    return response
+
+
+class _Attempt:
+    """A backend's response head, on the leased connection that carries its body."""
+
+    __slots__ = ("conn", "head", "pool")
+
+    def __init__(self, pool: ConnectionPool, conn: UpstreamConnection, head: ResponseHead) -> None:
+        self.pool = pool
+        self.conn = conn
+        self.head = head
+
+
+class Proxy:
+    """The data-port handler. One instance per process; all state is in the registry and pools."""
+
+    def __init__(self, router: Router, pools: dict[str, PoolRuntime], registry: Registry,
+                 upstream: UpstreamPools, trusted: TrustedProxies,
+                 on_outcome: Callable[[Backend, bool], None] | None = None) -> None:
+        self.router = router
+        self.pools = pools
+        self.registry = registry
+        self.upstream = upstream
+        self.trusted = trusted
+        self.on_outcome = on_outcome   # passive health: (backend, ok) after each attempt
+        self.requests = 0
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        self.requests += 1
+        message = request._message
+        target: bytes = message.path.encode("utf-8", "surrogateescape")
+        raw_headers = message.raw_headers
+        host = b""
+        if self.router.uses_host:
+            for name, value in raw_headers:
+                if name.lower() == b"host":
+                    host = value
+                    break
+        route = self.router.match(host, _path_of(target))
+        if route is None:
+            return error_response(404, "no_route")
+        runtime = self.pools[route.pool]
+
+        method = message.method
+        body = b""
+        streamed_body = False
+        if request.body_exists:
+            if message.headers.get("Expect", "").lower() == "100-continue":
+                # We read the body ourselves, so we give the client the go-ahead ourselves.
+                request.writer.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # type: ignore[union-attr]
+            if 0 <= (request.content_length or -1) <= REPLAY_BODY_LIMIT:
+                body = await request.read()
+            else:
+                streamed_body = True
+
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        client_ip = peer[0] if peer else "unknown"
+        fields = request_fields(raw_headers, client_ip.encode(), client_ip in self.trusted)
+        if streamed_body:
+            length = request.content_length
+            framing = b"Content-Length: %d\r\n" % length if length is not None else \
+                b"Transfer-Encoding: chunked\r\n"
+        elif body or method in ("POST", "PUT", "PATCH"):
+            framing = b"Content-Length: %d\r\n" % len(body)
+        else:
+            framing = b""
+        head = b"".join((method.encode(), b" ", target, b" HTTP/1.1\r\n", fields, framing, b"\r\n"))
+        retry_ok = (method in IDEMPOTENT or "Idempotency-Key" in message.headers)
+
+        try:
+            attempt, backend = await self._exchange(runtime, request, head, body, streamed_body,
+                                                    retry_ok, method == "HEAD")
+        except UpstreamError as exc:
+            status, kind = FAILURES.get(type(exc), (502, "error"))
+            log.warning("%s %s -> %d (%s): %s", method, message.path, status, kind, exc)
+            return error_response(status, kind)
+        return await self._stream_back(request, runtime, attempt, backend)
+
+    async def _exchange(self, runtime: PoolRuntime, request: web.BaseRequest, head: bytes, body: bytes,
+                        streamed_body: bool, retry_ok: bool,
+                        is_head: bool) -> tuple[_Attempt, Backend]:
+        """Try backends until one answers with a response head; raise the last failure otherwise."""
+        tried: list[Backend] = []
+        backends = runtime.backends
+        last_exc: UpstreamError | None = None
+        for _ in range(runtime.retries + 1 if retry_ok and not streamed_body else 1):
+            backend = runtime.selector.pick(backends.ready, backends.version, tried)
+            if backend is None:
+                if last_exc is not None:
+                    raise last_exc
+                raise NoBackendAvailable(f"no backend available in pool {runtime.name!r}")
+            tried.append(backend)
+            pool = self.upstream[backend.id]
+            backend.in_flight += 1
+            try:
+                attempt = await self._attempt_backend(runtime, pool, request, head, body, streamed_body,
+                                                      is_head)
+            except (UpstreamConnectError, UpstreamConnectTimeout, UpstreamResponseTimeout,
+                    UpstreamClosed) as exc:
+                backend.in_flight -= 1
+                self._outcome(backend, False)
+                last_exc = exc
+                log.debug("attempt on %s failed: %s", backend.id, exc)
+                continue
+            except BaseException:
+                backend.in_flight -= 1
+                raise
+            return attempt, backend
+        assert last_exc is not None
+        raise last_exc
+
+    async def _attempt_backend(self, runtime: PoolRuntime, pool: ConnectionPool, request: web.BaseRequest,
+                               head: bytes, body: bytes, streamed_body: bool,
+                               is_head: bool) -> _Attempt:
+        """Send on one backend; replay once on a fresh connection if a reused one was already dead."""
+        for replay in (False, True):
+            conn = await pool.acquire()
+            try:
+                if streamed_body:
+                    conn.begin(head, is_head)
+                    await self._send_streamed_body(conn, request)
+                else:
+                    conn.begin(head + body if body else head, is_head)
+                response_head = await conn.read_head(runtime.response_timeout_s)
+            except UpstreamClosed as exc:
+                pool.release(conn)
+                if exc.before_response and conn.is_reused and not streamed_body and not replay:
+                    pool.stats.replayed += 1
+                    log.debug("replaying on a fresh connection to %s: %s", pool.host, exc)
+                    # Every idle connection older than this one is as likely to be dead: drop them.
+                    pool.close_idle("stale")
+                    continue
+                raise
+            except BaseException:
+                pool.release(conn)
+                raise
+            return _Attempt(pool, conn, response_head)
+        raise AssertionError("unreachable")
+
+    async def _send_streamed_body(self, conn: UpstreamConnection, request: web.BaseRequest) -> None:
+        chunked = request.content_length is None
+        async for chunk in request.content.iter_any():
+            if chunked:
+                await conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+            else:
+                await conn.write(chunk)
+        if chunked:
+            await conn.write(b"0\r\n\r\n")
+
+    async def _stream_back(self, request: web.BaseRequest, runtime: PoolRuntime, attempt: _Attempt,
+                           backend: Backend) -> web.StreamResponse:
+        conn, head, pool = attempt.conn, attempt.head, attempt.pool
+        ok = True
+        response = ProxyResponse(head.status, head.reason, response_fields(head.headers),
+                                 None if head.chunked else head.content_length)
+        try:
+            if head.content_length is None and not head.chunked and not conn.response_complete \
+                    and head.status not in (204, 304) and request.method != "HEAD":
+                response.force_close()   # close-delimited upstream body
+            await response.prepare(request)
+            if request.method != "HEAD":
+                while True:
+                    data = await conn.read_body(runtime.read_timeout_s)
+                    if not data:
+                        break
+                    await response.write(data)
+            await response.write_eof()
+            return response
+        except ConnectionError:
+            # The client went away; the upstream connection is dirty and gets closed below.
+            return response
+        except UpstreamError as exc:
+            # The status has gone; all we can do is cut the client connection so it sees a short body.
+            ok = False
+            log.warning("%s %s: response from %s cut: %s", request.method, request.path, backend.id, exc)
+            if request.transport is not None:
+                request.transport.abort()
+            return response
+        finally:
+            backend.in_flight -= 1
+            pool.release(conn)
+            self._outcome(backend, ok and head.status < 502)
+
+    def _outcome(self, backend: Backend, ok: bool) -> None:
+        if self.on_outcome is not None:
+            self.on_outcome(backend, ok)
+
+
+def _path_of(target: bytes) -> bytes:
+    """The path part of an origin-form or absolute-form request target."""
+    if target[:1] == b"/":
+        return target
+    scheme_end = target.find(b"://")
+    if scheme_end != -1:
+        slash = target.find(b"/", scheme_end + 3)
+        return target[slash:] if slash != -1 else b"/"
+    return target
+

@@ -1,0 +1,353 @@
+"""Spawn, watch and restart the worker processes of ``spawn`` pools.
+
+Theory of operation
+-------------------
+Each worker slot (``web/1`` .. ``web/N``) is driven by one task that loops::
+
+    spawn -> wait until it accepts on its port -> alive -> await process exit -> not alive
+          -> classify the exit -> back off (or quarantine) -> spawn again
+
+*Liveness* is this module's business; *readiness* (health checks passing) is :mod:`balancer.health`'s.
+The task awaits the process object, so an exit is seen in the event-loop turn the child watcher reports
+it, and the backend leaves rotation at once through ``Registry.set_alive``; nothing polls.
+
+Restarts follow :class:`RestartPolicy` (pure): exponential backoff with jitter, reset after a stable
+uptime; too many crashes inside a window quarantines the slot (logged, visible in stats) instead of
+looping forever, as gunicorn's arbiter halts.
+
+Workers never outlive balancer: each child is put in its own process group (so a terminal's Ctrl-C
+reaches only balancer, which stops them in order) and asks the kernel for SIGTERM when balancer dies
+(``PR_SET_PDEATHSIG``), which covers ``kill -9`` of balancer. Stopping is SIGTERM, a deadline, SIGKILL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import enum
+import logging
+import os
+import random
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from .registry import Backend, Registry
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+class WorkerState(enum.Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    BACKOFF = "backoff"
+    QUARANTINED = "quarantined"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True, slots=True)
+class RestartPolicy:
+    """When to restart a worker that exited. Pure: the caller passes times in."""
+
+    initial_s: float = 0.5
+    max_s: float = 30.0
+    factor: float = 2.0
+    jitter: float = 0.2             # up to +20 %, so crashed workers do not restart in lockstep
+    stable_after_s: float = 60.0    # an uptime this long resets the backoff
+    max_crashes: int = 5            # this many crashes ...
+    window_s: float = 60.0          # ... within this window -> quarantine
+
+    def next_delay(self, crashes: Sequence[float], now: float, failures_in_a_row: int,
+                   rand: Callable[[], float] = random.random) -> float | None:
+        """Seconds to wait before the next start, or None to quarantine the slot."""
+        recent = [t for t in crashes if now - t <= self.window_s]
+        if len(recent) >= self.max_crashes:
+            return None
+        base = min(self.initial_s * self.factor ** max(failures_in_a_row - 1, 0), self.max_s)
+        return base * (1.0 + self.jitter * rand())
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    """How to start the workers of one pool."""
+
+    pool: str
+    command: tuple[str, ...]
+    count: int
+    env: tuple[tuple[str, str], ...] = ()
+    cwd: str | None = None
+    start_timeout_s: float = 10.0
+    keepalive_timeout_s: float = 75.0
+    host: str = "127.0.0.1"
+
+
+def describe_exit(returncode: int) -> str:
+    """gunicorn-style cause of an exit, for logs and stats."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        hint = " (perhaps out of memory?)" if -returncode == signal.SIGKILL else ""
+        return f"killed by {name}{hint}"
+    return "exited cleanly" if returncode == 0 else f"exited with status {returncode}"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def build_command(command: Sequence[str], port: int, worker_id: str) -> list[str]:
+    """``python`` means our own interpreter; ``{port}``/``{id}`` placeholders, else ``--port N``."""
+    argv = [sys.executable if command[0] == "python" else command[0], *command[1:]]
+    if any("{port}" in a for a in argv):
+        return [a.replace("{port}", str(port)).replace("{id}", worker_id) for a in argv]
+    return [a.replace("{id}", worker_id) for a in argv] + ["--port", str(port)]
+
+
+def _child_setup() -> None:  # pragma: no cover - runs in the child between fork and exec
+    os.setpgid(0, 0)
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+@dataclass(eq=False)
+class Worker:
+    """One supervised slot; survives restarts of its process."""
+
+    spec: WorkerSpec
+    index: int
+    backend: Backend
+    state: WorkerState = WorkerState.STOPPED
+    process: asyncio.subprocess.Process | None = None
+    restarts: int = 0
+    last_exit: str = ""
+    started_at: float = 0.0
+    next_start_at: float | None = None
+    crashes: deque[float] = field(default_factory=lambda: deque(maxlen=64))
+    failures_in_a_row: int = 0
+    stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=20))
+    ready_event: asyncio.Event = field(default_factory=asyncio.Event)
+    pump: asyncio.Task[None] | None = None      # reads the process's stderr
+
+    @property
+    def id(self) -> str:
+        return self.backend.id
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None and self.process.returncode is None else None
+
+    def info(self) -> dict[str, object]:
+        return {"pid": self.pid, "port": self.backend.port, "state": self.state.value,
+                "restarts": self.restarts, "last_exit": self.last_exit,
+                "next_start_in_s": (round(max(self.next_start_at - time.monotonic(), 0), 3)
+                                    if self.next_start_at is not None else None)}
+
+    def __repr__(self) -> str:
+        return f"<Worker {self.id} pid={self.pid} {self.state.value} restarts={self.restarts}>"
+
+
+class Supervisor:
+    """Runs the worker slots of every spawn pool. Owner calls ``start`` then ``aclose``."""
+
+    def __init__(self, registry: Registry, specs: Sequence[WorkerSpec], *,
+                 policy: RestartPolicy = RestartPolicy(),
+                 clock: Callable[[], float] = time.monotonic,
+                 echo_stderr: bool = True) -> None:
+        self.registry = registry
+        self.policy = policy
+        self._clock = clock
+        self._echo_stderr = echo_stderr
+        self.workers: list[Worker] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        for spec in specs:
+            for index in range(1, spec.count + 1):
+                backend = Backend(id=f"{spec.pool}/{index}", pool=spec.pool, host=spec.host,
+                                  port=free_port(spec.host), spawned=True, alive=False,
+                                  reason="starting")
+                registry.pool(spec.pool).add(backend)
+                self.workers.append(Worker(spec, index, backend))
+
+    async def start(self, wait: bool = True) -> None:
+        """Start every slot; with ``wait``, return once each worker accepts or its first start failed."""
+        loop = asyncio.get_running_loop()
+        for worker in self.workers:
+            self._tasks.append(loop.create_task(self._run_slot(worker), name=f"worker {worker.id}"))
+        if wait and self.workers:
+            deadline = max(w.spec.start_timeout_s for w in self.workers) + 1.0
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(deadline):
+                    await asyncio.gather(*(w.ready_event.wait() for w in self.workers))
+
+    # --- one slot --------------------------------------------------------------------------------------
+
+    async def _run_slot(self, worker: Worker) -> None:
+        while not self._stopping:
+            started = await self._spawn(worker)
+            if started:
+                await self._watch(worker)
+            worker.ready_event.set()
+            if self._stopping:
+                break
+            now = self._clock()
+            worker.crashes.append(now)
+            delay = self.policy.next_delay(worker.crashes, now, worker.failures_in_a_row)
+            if delay is None:
+                worker.state = WorkerState.QUARANTINED
+                worker.next_start_at = None
+                self.registry.set_alive(worker.backend, False, "quarantined")
+                log.error("worker %s quarantined: %d crashes within %gs (last: %s); not restarting",
+                          worker.id, len(worker.crashes), self.policy.window_s, worker.last_exit)
+                return
+            worker.state = WorkerState.BACKOFF
+            worker.next_start_at = now + delay
+            log.warning("worker %s %s; restarting in %.2fs", worker.id, worker.last_exit, delay)
+            await asyncio.sleep(delay)
+            worker.restarts += 1
+        worker.state = WorkerState.STOPPED
+
+    async def _spawn(self, worker: Worker) -> bool:
+        """Start the process and wait until it accepts connections. False if it never did."""
+        spec, backend = worker.spec, worker.backend
+        argv = build_command(spec.command, backend.port, worker.id)
+        env = {**os.environ, **dict(spec.env),
+               "BALANCER_PORT": str(backend.port), "BALANCER_HOST": backend.host,
+               "BALANCER_WORKER_ID": worker.id,
+               "BALANCER_KEEPALIVE_TIMEOUT": f"{spec.keepalive_timeout_s:g}"}
+        worker.state = WorkerState.STARTING
+        worker.next_start_at = None
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *argv, env=env, cwd=spec.cwd, stdin=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE, preexec_fn=_child_setup)
+        except OSError as exc:
+            worker.last_exit = f"could not start {argv[0]!r}: {exc.strerror or exc}"
+            worker.failures_in_a_row += 1
+            log.error("worker %s: %s", worker.id, worker.last_exit)
+            return False
+        worker.process = process
+        worker.started_at = self._clock()
+        assert process.stderr is not None
+        pump = worker.pump = asyncio.get_running_loop().create_task(
+            self._pump_stderr(worker, process.stderr))
+        if await self._wait_accepting(worker, process):
+            worker.state = WorkerState.RUNNING
+            worker.ready_event.set()
+            self.registry.set_alive(backend, True)
+            log.info("worker %s pid %d accepting on %s", worker.id, process.pid, backend.address)
+            return True
+        # It never accepted: it exited, or hung past the start timeout.
+        if process.returncode is None:
+            await self._terminate(process, spec.start_timeout_s)
+            cause = f"did not accept connections within {spec.start_timeout_s:g}s"
+        else:
+            cause = describe_exit(process.returncode)
+        await asyncio.wait([pump], timeout=1.0)
+        worker.last_exit = f"failed to start ({cause})"
+        worker.failures_in_a_row += 1
+        tail = "\n    ".join(worker.stderr_tail) or "(no output)"
+        log.error("worker %s %s; last stderr lines:\n    %s", worker.id, worker.last_exit, tail)
+        return False
+
+    async def _wait_accepting(self, worker: Worker, process: asyncio.subprocess.Process) -> bool:
+        """Poll-connect the worker's port until it accepts, it exits, or the start timeout passes."""
+        deadline = self._clock() + worker.spec.start_timeout_s
+        exited = asyncio.ensure_future(process.wait())
+        try:
+            delay = 0.01
+            while self._clock() < deadline and not exited.done() and not self._stopping:
+                with contextlib.suppress(OSError):
+                    _, writer = await asyncio.open_connection(worker.backend.host, worker.backend.port)
+                    writer.close()
+                    return True
+                await asyncio.wait([exited], timeout=delay)
+                delay = min(delay * 2, 0.2)
+            return False
+        finally:
+            if not exited.done():
+                exited.cancel()
+
+    async def _watch(self, worker: Worker) -> None:
+        """Await the process; the moment it exits, take the backend out of rotation."""
+        process = worker.process
+        assert process is not None
+        returncode = await process.wait()
+        self.registry.set_alive(worker.backend, False, describe_exit(returncode))
+        worker.last_exit = describe_exit(returncode)
+        uptime = self._clock() - worker.started_at
+        if uptime >= self.policy.stable_after_s:
+            worker.failures_in_a_row = 1
+            worker.crashes.clear()
+        else:
+            worker.failures_in_a_row += 1
+        if self._stopping:
+            log.info("worker %s pid %d %s", worker.id, process.pid, worker.last_exit)
+
+    async def _pump_stderr(self, worker: Worker, stream: asyncio.StreamReader) -> None:
+        """Keep the last lines of the worker's stderr and echo them with the worker's name."""
+        while True:
+            try:
+                line = await stream.readline()
+            except ValueError:          # a line longer than the stream limit
+                continue
+            if not line:
+                return
+            text = line.decode("utf-8", "replace").rstrip()
+            worker.stderr_tail.append(text)
+            if self._echo_stderr:
+                sys.stderr.write(f"[{worker.id}] {text}\n")
+
+    async def _terminate(self, process: asyncio.subprocess.Process, timeout: float) -> None:
+        if process.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            process.terminate()
+        try:
+            async with asyncio.timeout(timeout):
+                await process.wait()
+        except TimeoutError:
+            log.warning("pid %d ignored SIGTERM for %gs: SIGKILL", process.pid, timeout)
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+
+    # --- shutdown ------------------------------------------------------------------------------------
+
+    async def aclose(self, timeout: float = 10.0) -> None:
+        """Stop restarting, SIGTERM every worker, SIGKILL what is left after ``timeout``."""
+        self._stopping = True
+        for worker in self.workers:
+            if worker.pid is not None:
+                worker.state = WorkerState.STOPPING
+        running = [w.process for w in self.workers if w.process is not None and w.pid is not None]
+        await asyncio.gather(*(self._terminate(p, timeout) for p in running))
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        pumps = [w.pump for w in self.workers if w.pump is not None]
+        for pump in pumps:
+            pump.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+        for worker in self.workers:
+            worker.state = WorkerState.STOPPED
+
+    def kill_now(self) -> None:
+        """Second signal: SIGKILL every worker at once (the fast exit)."""
+        self._stopping = True
+        for worker in self.workers:
+            if worker.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signal.SIGKILL)

@@ -1,0 +1,383 @@
+"""One upstream HTTP/1.1 connection: an asyncio protocol with llhttp (httptools) parsing responses.
+
+Theory of operation
+-------------------
+A connection lives through explicit states (httpcore's ``NEW/ACTIVE/IDLE/CLOSED``)::
+
+    CONNECTING --connected--> ACTIVE  (leased to one request)
+    ACTIVE --response complete, keep-alive agreed--> IDLE --leased again--> ACTIVE
+    any --error / peer close / close()--> CLOSED
+
+Because this is a protocol, the event loop tells us at once when an *idle* connection becomes
+readable or is closed by the backend: ``data_received`` or ``connection_lost`` while IDLE marks it stale,
+so the pool never sends on it. That removes most of the keep-alive race; the rest (the backend closing
+at the very moment we write) is caught by :class:`UpstreamClosed` with ``before_response=True`` and
+replayed by the proxy.
+
+Response data flows ``data_received -> parser -> callbacks -> self._body`` and out through
+:meth:`read_body`. When more than ``HIGH_WATER`` bytes are waiting, we pause reading from the backend
+until the client side has taken them (backpressure end to end). Request bytes go out through
+:meth:`write`, which waits on the transport's own pause/resume flow control.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections import deque
+from typing import Any
+
+import httptools
+
+from .errors import UpstreamClosed, UpstreamProtocolError, UpstreamReadTimeout, UpstreamResponseTimeout
+
+HIGH_WATER = 256 * 1024
+LOW_WATER = 64 * 1024
+
+
+class ConnState(enum.Enum):
+    CONNECTING = "connecting"
+    ACTIVE = "active"
+    IDLE = "idle"
+    CLOSED = "closed"
+
+
+# Legal transitions; anything else is a bug and raises.
+_TRANSITIONS: dict[ConnState, frozenset[ConnState]] = {
+    ConnState.CONNECTING: frozenset({ConnState.ACTIVE, ConnState.CLOSED}),
+    ConnState.ACTIVE: frozenset({ConnState.IDLE, ConnState.CLOSED}),
+    ConnState.IDLE: frozenset({ConnState.ACTIVE, ConnState.CLOSED}),
+    ConnState.CLOSED: frozenset({ConnState.CLOSED}),
+}
+
+
+class ResponseHead:
+    """Status line and raw header fields of a final (non-1xx) response."""
+
+    __slots__ = ("chunked", "content_length", "headers", "keep_alive", "reason", "status", "upgrade",
+                 "version")
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.reason = b""
+        self.version = "1.1"
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.keep_alive = True
+        self.content_length: int | None = None
+        self.chunked = False
+        self.upgrade = False
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """A keep-alive HTTP/1.1 client connection to one backend. See the module docstring."""
+
+    def __init__(self, address: str, *, clock: Any = time.monotonic) -> None:
+        self.address = address
+        self._clock = clock
+        self.state = ConnState.CONNECTING
+        self.created_at = clock()
+        self.idle_since = self.created_at
+        self.requests = 0               # requests started on this connection
+        self.close_reason = ""
+        # A `Keep-Alive: timeout=N` from the backend: absolute monotonic time after which it may close.
+        self.keepalive_deadline: float | None = None
+        self.transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()
+        self._parser = httptools.HttpResponseParser(self)
+        self._closed_waiter: asyncio.Future[None] = self._loop.create_future()
+        self._reset_exchange()
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+
+    def _reset_exchange(self) -> None:
+        self._head: ResponseHead | None = None
+        self._pending_head = ResponseHead()
+        self._header_name = b""
+        self._body: deque[bytes] = deque()
+        self._body_size = 0
+        self._complete = False
+        self._got_bytes = False
+        self._exc: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._read_paused = False
+        self._expect_no_body = False
+        self.is_reused = self.requests > 0
+
+    # --- state ---------------------------------------------------------------------------------------
+
+    def _set_state(self, new: ConnState) -> None:
+        if new not in _TRANSITIONS[self.state]:
+            raise RuntimeError(f"illegal connection transition {self.state.value} -> {new.value}")
+        self.state = new
+
+    @property
+    def is_closed(self) -> bool:
+        return self.state is ConnState.CLOSED
+
+    def has_expired(self, now: float, idle_timeout: float | None, max_lifetime: float | None,
+                    max_requests: int | None) -> str | None:
+        """Why this idle connection must not be reused, or None. Readable-while-idle is 'stale'."""
+        if self.state is ConnState.CLOSED:
+            return self.close_reason or "backend_close"
+        if idle_timeout is not None and now - self.idle_since >= idle_timeout:
+            return "idle_timeout"
+        if self.keepalive_deadline is not None and now >= self.keepalive_deadline:
+            return "idle_timeout"
+        if max_lifetime is not None and now - self.created_at >= max_lifetime:
+            return "lifetime"
+        if max_requests is not None and self.requests >= max_requests:
+            return "max_requests"
+        return None
+
+    # --- leasing (called by the pool) ----------------------------------------------------------------
+
+    def mark_active(self) -> None:
+        self._set_state(ConnState.ACTIVE)
+        self._reset_exchange()
+
+    def mark_idle(self) -> None:
+        self._set_state(ConnState.IDLE)
+        self.idle_since = self._clock()
+
+    @property
+    def is_reusable(self) -> bool:
+        """The response was read completely and both sides agreed on keep-alive."""
+        head = self._head
+        return (self.state is ConnState.ACTIVE and self._complete and self._exc is None
+                and head is not None and head.keep_alive and not head.upgrade)
+
+    def close(self, reason: str) -> None:
+        """Close now (idempotent). The reason feeds the pool's per-reason statistics."""
+        if self.state is not ConnState.CLOSED:
+            self.close_reason = reason
+            self.state = ConnState.CLOSED
+        if self.transport is not None:
+            self.transport.close()
+        self._fail(UpstreamClosed("connection closed", before_response=not self._got_bytes))
+
+    def abort(self, reason: str) -> None:
+        """Close without flushing (a dirty connection: nothing more must reach the backend)."""
+        if self.transport is not None:
+            self.transport.abort()
+        self.close(reason)
+
+    # --- asyncio.Protocol ----------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.state is not ConnState.CLOSED:
+            self.close_reason = "backend_close" if exc is None else "error"
+            self.state = ConnState.CLOSED
+        if not self._closed_waiter.done():
+            self._closed_waiter.set_result(None)
+        if self._head is not None and not self._complete and self._head.content_length is None \
+                and not self._head.chunked:
+            # A close-delimited body (no length, not chunked) ends with the connection.
+            try:
+                self._parser.feed_eof()
+            except httptools.HttpParserError:
+                pass
+            if self._complete:
+                return
+        self._fail(UpstreamClosed("backend closed the connection",
+                                  before_response=not self._got_bytes))
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_exception(
+                UpstreamClosed("backend closed the connection", before_response=not self._got_bytes))
+
+    def data_received(self, data: bytes) -> None:
+        if self.state is not ConnState.ACTIVE:
+            # Bytes on an idle connection: the backend is closing it or speaking out of turn.
+            # Either way it can never carry a request again.
+            self.close("stale")
+            return
+        self._got_bytes = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            if self._expect_no_body and self._head is not None:
+                # We stopped the parser ourselves after a HEAD response's head; see on_headers_complete.
+                # It cannot parse another message now, so the connection is not reused.
+                self._complete = True
+                self._head.keep_alive = False
+                self._wake()
+                return
+            self._fail(UpstreamProtocolError(f"invalid response from backend: {exc.__context__ or exc}"))
+            self.abort("error")
+        except httptools.HttpParserUpgrade:
+            # 101 Switching Protocols: bytes after the head belong to the tunnel (upgrade issue).
+            self._wake()
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamProtocolError(f"invalid response from backend: {exc}"))
+            self.abort("error")
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # --- httptools callbacks --------------------------------------------------------------------------
+
+    def on_status(self, reason: bytes) -> None:
+        self._pending_head.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._pending_head.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        head = self._pending_head
+        status = parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            # Interim response (100 Continue, 103 Early Hints): not the final answer; absorb it.
+            self._pending_head = ResponseHead()
+            return
+        head.status = status
+        head.version = parser.get_http_version()
+        head.keep_alive = parser.should_keep_alive()
+        head.upgrade = status == 101
+        self._inspect_framing(head)
+        self._head = head
+        self._wake()
+        if self._expect_no_body and status not in (204, 304):
+            # llhttp would wait for a HEAD response's Content-Length bytes; stop it here.
+            raise _StopAfterHead
+
+    def _inspect_framing(self, head: ResponseHead) -> None:
+        lengths: list[bytes] = []
+        for name, value in head.headers:
+            lname = name.lower()
+            if lname == b"content-length":
+                lengths.append(value)
+            elif lname == b"transfer-encoding":
+                head.chunked = True
+            elif lname == b"keep-alive":
+                self._note_keepalive(value)
+        if lengths:
+            if head.chunked or len(lengths) > 1 or not lengths[0].strip().isdigit():
+                raise UpstreamProtocolError("conflicting or invalid Content-Length from backend")
+            head.content_length = int(lengths[0])
+
+    def _note_keepalive(self, value: bytes) -> None:
+        for part in value.split(b","):
+            key, _, number = part.strip().partition(b"=")
+            if key.strip().lower() == b"timeout" and number.strip().isdigit():
+                # Leave a margin of one second: the backend's timer started before ours.
+                seconds = max(int(number.strip()) - 1, 0)
+                self.keepalive_deadline = self._clock() + seconds
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+        self._body_size += len(body)
+        if self._body_size > HIGH_WATER and not self._read_paused and self.transport is not None:
+            self._read_paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if self._head is None:
+            return  # end of an interim (1xx) response
+        self._complete = True
+        self._wake()
+
+    # --- the request/response exchange (called by the proxy) ------------------------------------------
+
+    def begin(self, head: bytes, expect_no_body: bool) -> None:
+        """Send a request head (and any body bytes already joined to it)."""
+        self.requests += 1
+        self._expect_no_body = expect_no_body
+        assert self.transport is not None
+        self.transport.write(head)
+
+    async def write(self, data: bytes) -> None:
+        """Send request body bytes, waiting while the backend's socket buffer is full."""
+        if self.state is ConnState.CLOSED or self.transport is None:
+            raise UpstreamClosed("backend closed the connection", before_response=not self._got_bytes)
+        self.transport.write(data)
+        if self._write_paused:
+            self._drain_waiter = self._loop.create_future()
+            try:
+                await self._drain_waiter
+            finally:
+                self._drain_waiter = None
+
+    async def read_head(self, timeout: float) -> ResponseHead:
+        """Wait up to ``timeout`` seconds for the final response head."""
+        if self._head is None and self._exc is None:
+            await self._wait(timeout, UpstreamResponseTimeout)
+        if self._head is None:
+            assert self._exc is not None
+            raise self._exc
+        return self._head
+
+    async def read_body(self, timeout: float) -> bytes:
+        """Next body bytes; ``b""`` at the end. ``timeout`` bounds an idle gap, not the whole body."""
+        while not self._body:
+            if self._complete:
+                return b""
+            if self._exc is not None:
+                raise self._exc
+            await self._wait(timeout, UpstreamReadTimeout)
+        body = self._body
+        data = body.popleft() if len(body) == 1 else b"".join(body)
+        body.clear()
+        self._body_size = 0
+        if self._read_paused and self.transport is not None:
+            self._read_paused = False
+            self.transport.resume_reading()
+        return data
+
+    @property
+    def response_complete(self) -> bool:
+        return self._complete
+
+    async def _wait(self, timeout: float, error: type[Exception]) -> None:
+        waiter = self._waiter = self._loop.create_future()
+        timer = self._loop.call_later(timeout, self._on_timeout, waiter, error, timeout)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    @staticmethod
+    def _on_timeout(waiter: asyncio.Future[None], error: type[Exception], timeout: float) -> None:
+        if not waiter.done():
+            waiter.set_exception(error(f"no data from backend within {timeout:g}s"))
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._exc is None and not self._complete:
+            self._exc = exc
+        self._wake()
+
+    async def wait_closed(self) -> None:
+        await self._closed_waiter
+
+    def info(self, now: float) -> dict[str, Any]:
+        return {
+            "state": self.state.value,
+            "age_s": round(now - self.created_at, 3),
+            "idle_s": round(now - self.idle_since, 3) if self.state is ConnState.IDLE else 0.0,
+            "requests": self.requests,
+        }
+
+    def __repr__(self) -> str:
+        return (f"<UpstreamConnection {self.address} {self.state.value} requests={self.requests}"
+                f"{' reason=' + self.close_reason if self.close_reason else ''}>")
+
+
+class _StopAfterHead(Exception):
+    """Raised inside the parser callback to end a bodiless (HEAD) response at its head."""
