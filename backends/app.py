@@ -63,7 +63,8 @@ class Identity:
 
 IDENTITY = web.AppKey("identity", Identity)
 CONTROL = web.AppKey("control", Control)
-WEBSOCKETS = web.AppKey("websockets", weakref.WeakSet[web.WebSocketResponse])
+# Open WebSockets, so a stop can close them; weak so a finished handler never leaks its socket.
+WEBSOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("websockets")
 
 
 def make_app(worker_id: str, port: int) -> web.Application:
@@ -212,9 +213,9 @@ async def handle_ws(request: web.Request) -> web.WebSocketResponse:
 async def close_websockets(app: web.Application) -> None:
     # An open WebSocket is an in-flight request that never finishes on its own; without this the
     # graceful stop would always run to its deadline and then cut the connection without a close frame.
-    sockets = list(app[WEBSOCKETS])
+    sockets = app[WEBSOCKETS]
     await asyncio.gather(
-        *(ws.close(code=WSCloseCode.GOING_AWAY, message=b"worker stopping") for ws in sockets)
+        *[ws.close(code=WSCloseCode.GOING_AWAY, message=b"worker stopping") for ws in list(sockets)]
     )
 
 

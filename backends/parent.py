@@ -50,8 +50,11 @@ def arm_parent_death_signal(sig: signal.Signals = signal.SIGTERM) -> bool:
         libc = ctypes.CDLL(None, use_errno=True)
         # prctl is variadic and reads its arguments as unsigned long: pass them at that width.
         result = libc.prctl(
-            ctypes.c_int(PR_SET_PDEATHSIG), ctypes.c_ulong(sig), ctypes.c_ulong(0),
-            ctypes.c_ulong(0), ctypes.c_ulong(0),
+            ctypes.c_int(PR_SET_PDEATHSIG),
+            ctypes.c_ulong(sig),
+            ctypes.c_ulong(0),
+            ctypes.c_ulong(0),
+            ctypes.c_ulong(0),
         )
     except (OSError, AttributeError) as exc:  # no libc / no prctl symbol: the polling fallback remains
         logger.warning("prctl unavailable (%s); relying on polling for parent death", exc)
@@ -74,7 +77,8 @@ async def watch_parent(
     getppid: Callable[[], int] = os.getppid,
 ) -> None:
     """Call `on_orphaned` once, as soon as a poll finds our parent is no longer `parent_pid`."""
-    while not is_orphaned(parent_pid, getppid):
+    # Polling is the point: no event or file descriptor reports a change of parent portably.
+    while not is_orphaned(parent_pid, getppid):  # noqa: ASYNC110
         await asyncio.sleep(interval_s)
     logger.info("parent %d is gone; stopping", parent_pid)
     on_orphaned()

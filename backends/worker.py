@@ -28,6 +28,11 @@ logger = logging.getLogger("backends")
 GRACE_S = 2.0
 """How long in-flight requests may run on after a stop request before they are cancelled."""
 
+# aiohttp's per-connection shutdown waits `shutdown_timeout` for the handler, then only fails the body
+# reader (which a handler not reading its body ignores) and waits `shutdown_timeout` again before it
+# cancels the task: twice the value overall.
+_AIOHTTP_SHUTDOWN_TIMEOUT_S = GRACE_S / 2
+
 FORCED_EXIT_STATUS = 130  # 128 + SIGINT, the shell's convention for "interrupted"
 
 
@@ -45,14 +50,30 @@ def parse_args(argv: Sequence[str] | None = None) -> WorkerOptions:
     parser = argparse.ArgumentParser(prog="python -m backends", description="balancer's test worker")
     # argparse applies `type` to string defaults too, so a bad environment value is reported like a
     # bad option, naming the option.
-    parser.add_argument("--port", type=_port, default=env.get("BALANCER_PORT"),
-                        required="BALANCER_PORT" not in env, help="TCP port (env BALANCER_PORT)")
-    parser.add_argument("--host", default=env.get("BALANCER_HOST", "127.0.0.1"),
-                        help="address to bind (env BALANCER_HOST; default 127.0.0.1)")
-    parser.add_argument("--id", dest="worker_id", default=env.get("BALANCER_WORKER_ID"),
-                        help="name in responses and X-Backend (env BALANCER_WORKER_ID; default w<port>)")
-    parser.add_argument("--keepalive-timeout", type=_seconds, default=env.get("BALANCER_KEEPALIVE_TIMEOUT", "75"),
-                        help="idle keep-alive timeout in seconds (env BALANCER_KEEPALIVE_TIMEOUT; default 75)")
+    parser.add_argument(
+        "--port",
+        type=_port,
+        default=env.get("BALANCER_PORT"),
+        required="BALANCER_PORT" not in env,
+        help="TCP port (env BALANCER_PORT)",
+    )
+    parser.add_argument(
+        "--host",
+        default=env.get("BALANCER_HOST", "127.0.0.1"),
+        help="address to bind (env BALANCER_HOST; default 127.0.0.1)",
+    )
+    parser.add_argument(
+        "--id",
+        dest="worker_id",
+        default=env.get("BALANCER_WORKER_ID"),
+        help="name in responses and X-Backend (env BALANCER_WORKER_ID; default w<port>)",
+    )
+    parser.add_argument(
+        "--keepalive-timeout",
+        type=_seconds,
+        default=env.get("BALANCER_KEEPALIVE_TIMEOUT", "75"),
+        help="idle keep-alive timeout in seconds (env BALANCER_KEEPALIVE_TIMEOUT; default 75)",
+    )
     args = parser.parse_args(argv)
     return WorkerOptions(
         host=args.host,
@@ -79,7 +100,7 @@ async def serve(options: WorkerOptions, parent_pid: int | None) -> int:
         make_app(options.worker_id, options.port),
         access_log=None,
         keepalive_timeout=options.keepalive_timeout_s,
-        shutdown_timeout=GRACE_S,
+        shutdown_timeout=_AIOHTTP_SHUTDOWN_TIMEOUT_S,
     )
     await runner.setup()
     site = web.TCPSite(runner, options.host, options.port, reuse_address=True)
@@ -110,10 +131,9 @@ async def _shutdown(runner: web.AppRunner, watcher: asyncio.Task[None] | None) -
             await watcher
     # 2. runner.cleanup() closes the listener, closes idle keep-alive connections, runs on_shutdown
     #    (WebSockets get a close frame), lets in-flight requests run for GRACE_S, then cancels them.
-    #    It waits for handlers twice (GRACE_S to finish, GRACE_S after cancelling): the outer deadline
-    #    only guards against a handler that ignores cancellation.
+    #    The outer deadline only guards against a handler that ignores cancellation.
     try:
-        async with asyncio.timeout(2 * GRACE_S + 1):
+        async with asyncio.timeout(GRACE_S + 1):
             await runner.cleanup()
     except TimeoutError:
         pending = len([t for t in asyncio.all_tasks() if t is not asyncio.current_task()])

@@ -86,11 +86,14 @@ async def open_connection(host: str, port: int, timeout: float) -> UpstreamConne
     address = f"{host}:{port}"
     try:
         async with asyncio.timeout(timeout):
-            _, conn = await loop.create_connection(lambda: UpstreamConnection(address), host, port)
+            transport, conn = await loop.create_connection(lambda: UpstreamConnection(address),
+                                                           host, port)
     except TimeoutError as exc:
         raise UpstreamConnectTimeout(f"connect to {address} timed out after {timeout:g}s") from exc
     except OSError as exc:
         raise UpstreamConnectError(f"connect to {address} failed: {exc.strerror or exc}") from exc
+    # uvloop may resolve create_connection() before it has called connection_made().
+    conn.transport = transport
     return conn
 
 

@@ -146,6 +146,8 @@ class Registry:
 
     def __init__(self) -> None:
         self.pools: dict[str, BackendSet] = {}
+        # Told (backend) whenever the supervisor flips `alive`; health checks reset on it.
+        self.alive_listeners: list[Callable[[Backend], None]] = []
 
     def pool(self, name: str) -> BackendSet:
         backend_set = self.pools.get(name)
@@ -171,7 +173,11 @@ class Registry:
             b.alive = alive
             if reason or alive:
                 b.reason = reason
+        changed = backend.alive != alive
         self.pool(backend.pool).update(backend, change)
+        if changed:
+            for listener in self.alive_listeners:
+                listener(backend)
 
     def set_healthy(self, backend: Backend, healthy: bool, reason: str = "") -> None:
         """Health checks: consecutive-threshold result flipped."""

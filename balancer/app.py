@@ -1,0 +1,201 @@
+"""The composition root: builds every part from the configuration and runs the lifecycle.
+
+``startup -> serve until a signal -> shutdown`` (uvicorn's shape). The only module that imports
+everything; nothing here decides anything a module below could decide itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from .admin import Admin
+from .config import Config, PoolConfig
+from .health import HealthChecker, HealthPolicy
+from .headers import TrustedProxies
+from .pool import PoolLimits, UpstreamPools
+from .proxy import PoolRuntime, Proxy
+from .registry import Backend, Registry
+from .routing import Route, Router
+from .selection import make_selector
+from .supervisor import RestartPolicy, Supervisor, WorkerSpec
+
+log = logging.getLogger(__name__)
+
+# Idle upstream connections to our own workers are closed this long before the worker's keep-alive
+# would close them, so the backend never closes one under us (the keep-alive race).
+KEEPALIVE_MARGIN_S = 2.0
+EXTERNAL_IDLE_TIMEOUT_S = 15.0
+
+
+def pool_limits(pool: PoolConfig) -> PoolLimits:
+    c = pool.connections
+    idle_timeout = c.idle_timeout_s
+    if idle_timeout is None:
+        if pool.spawn is not None:
+            keepalive = pool.spawn.keepalive_timeout_s
+            idle_timeout = max(keepalive - KEEPALIVE_MARGIN_S, keepalive / 2)
+        else:
+            idle_timeout = EXTERNAL_IDLE_TIMEOUT_S
+    return PoolLimits(max=c.max, max_idle=c.max_idle, min_idle=c.min_idle, idle_timeout_s=idle_timeout,
+                      max_requests=c.max_requests, max_lifetime_s=c.max_lifetime_s,
+                      acquire_timeout_s=c.acquire_timeout_s, connect_timeout_s=pool.timeouts.connect_s)
+
+
+def health_policy(pool: PoolConfig) -> HealthPolicy | None:
+    h = pool.health
+    if h is None:
+        # No section: checks on for spawned workers (defaults), off for external servers.
+        return HealthPolicy() if pool.spawn is not None else None
+    if not h.enabled:
+        return None
+    return HealthPolicy(path=h.path, interval_s=h.interval_s, timeout_s=h.timeout_s, rise=h.rise,
+                        fall=h.fall, expect=h.expect)
+
+
+@dataclass
+class Balancer:
+    """Everything one balancer process runs."""
+
+    config: Config
+    restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
+    echo_worker_stderr: bool = True
+
+    def __post_init__(self) -> None:
+        cfg = self.config
+        self.started_at = time.time()
+        self.registry = Registry()
+        self.upstream = UpstreamPools()
+        self.health = HealthChecker(self.registry)
+        specs = [WorkerSpec(pool=p.name, command=p.spawn.command, count=p.spawn.count, env=p.spawn.env,
+                            cwd=p.spawn.cwd, start_timeout_s=p.spawn.start_timeout_s,
+                            keepalive_timeout_s=p.spawn.keepalive_timeout_s)
+                 for p in cfg.pools.values() if p.spawn is not None]
+        for p in cfg.pools.values():
+            backend_set = self.registry.pool(p.name)
+            for i, server in enumerate(p.servers, start=1):
+                backend_set.add(Backend(id=f"{p.name}/{server.address}" if server.address else
+                                        f"{p.name}/s{i}", pool=p.name, host=server.host,
+                                        port=server.port, weight=server.weight))
+        self.supervisor = Supervisor(self.registry, specs, policy=self.restart_policy,
+                                     echo_stderr=self.echo_worker_stderr)
+        runtimes: dict[str, PoolRuntime] = {}
+        for p in cfg.pools.values():
+            backend_set = self.registry.pool(p.name)
+            limits = pool_limits(p)
+            policy = health_policy(p)
+            for backend in backend_set:
+                self.upstream.add(backend.id, backend.host, backend.port, limits)
+                if policy is not None:
+                    self.health.add(backend, policy, start_healthy=not backend.spawned)
+            backend_set.subscribe(lambda b, ready: self.upstream.on_readiness(b.id, ready))
+            runtimes[p.name] = PoolRuntime(
+                name=p.name, backends=backend_set, selector=make_selector(p.balance),
+                connect_timeout_s=p.timeouts.connect_s, response_timeout_s=p.timeouts.response_s,
+                read_timeout_s=p.timeouts.read_s, retries=p.retries)
+        self.registry.alive_listeners.append(self.health.on_alive_changed)
+        router = Router([Route(name=r.name, pool=r.pool, path_prefix=r.path_prefix.encode(),
+                               host=r.host.encode() if r.host else None) for r in cfg.routes])
+        self.proxy = Proxy(router, runtimes, self.registry, self.upstream,
+                           TrustedProxies(cfg.trusted_proxies))
+        self.admin = Admin(self) if cfg.admin is not None else None
+        self._web_server: web.Server | None = None
+        self._listener: asyncio.Server | None = None
+        self.stop_event = asyncio.Event()
+
+    @property
+    def port(self) -> int:
+        """The data port actually bound (useful with ``listen.port: 0``)."""
+        assert self._listener is not None
+        return int(self._listener.sockets[0].getsockname()[1])
+
+    # --- lifecycle -------------------------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        """Start workers, checks and pools; open the listeners once backends can serve."""
+        cfg = self.config
+        await self.health.start()
+        self.upstream.start()
+        await self.supervisor.start(wait=True)
+        await self._wait_ready(max((p.spawn.start_timeout_s for p in cfg.pools.values() if p.spawn),
+                                   default=0.0))
+        self._web_server = web.Server(self.proxy.handle, access_log=None, auto_decompress=False,
+                                      keepalive_timeout=75.0, max_line_size=8190, max_field_size=8190,
+                                      max_headers=100)
+        loop = asyncio.get_running_loop()
+        self._listener = await loop.create_server(self._web_server, cfg.listen.host, cfg.listen.port,
+                                                  reuse_address=True, backlog=1024)
+        if self.admin is not None:
+            await self.admin.start()
+            log.info("admin on http://%s:%d", self.admin.host, self.admin.bound_port)
+        log.info("balancer listening on http://%s:%d (%s)", cfg.listen.host, self.port,
+                 ", ".join(f"{name}: {len(s.ready)}/{len(s)} ready" for name, s in
+                           self.registry.pools.items()))
+
+    async def _wait_ready(self, timeout: float) -> None:
+        """Give every running worker a bounded chance to pass its first check before accepting clients."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(b.healthy for b in self.registry.backends() if b.alive):
+                break
+            await asyncio.sleep(0.02)
+        for name, backend_set in self.registry.pools.items():
+            if not backend_set.ready:
+                log.warning("pool %s has no ready backend yet; its requests get 503 until one is", name)
+
+    async def shutdown(self) -> None:
+        """The shutdown sequence; every wait has a deadline."""
+        cfg = self.config
+        # 1. Stop accepting new client connections.
+        if self._listener is not None:
+            self._listener.close()
+        # 2. Let in-flight requests finish (idle keep-alive connections are closed at once).
+        if self._web_server is not None:
+            pending = len(self._web_server.connections)
+            await self._web_server.shutdown(cfg.shutdown.drain_timeout_s)
+            if self._web_server.connections:
+                log.warning("drain deadline passed with %d client connections open (of %d)",
+                            len(self._web_server.connections), pending)
+        # 3. The admin listener, health probes and upstream connections.
+        if self.admin is not None:
+            await self.admin.aclose()
+        await self.health.aclose()
+        await self.upstream.aclose()
+        # 4. The workers: SIGTERM, then SIGKILL after the deadline.
+        await self.supervisor.aclose(cfg.shutdown.worker_stop_timeout_s)
+        log.info("balancer stopped")
+
+    async def run(self) -> None:
+        """Start, serve until SIGTERM/SIGINT, shut down. A second signal kills workers and exits."""
+        loop = asyncio.get_running_loop()
+        signals = 0
+
+        def on_signal(signum: int) -> None:
+            nonlocal signals
+            signals += 1
+            if signals == 1:
+                log.info("%s received: shutting down (send again to force)", signal.Signals(signum).name)
+                self.stop_event.set()
+            else:
+                log.warning("second signal: killing workers and exiting now")
+                self.supervisor.kill_now()
+                raise SystemExit(1)
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, on_signal, signum)
+        try:
+            try:
+                await self.startup()
+                await self.stop_event.wait()
+            finally:
+                await self.shutdown()
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(Exception):
+                    loop.remove_signal_handler(signum)

@@ -1,0 +1,839 @@
+"""The configuration file: YAML in, frozen typed dataclasses out, every problem reported before start-up.
+
+Theory of operation
+-------------------
+The text is *composed* (``yaml.compose``), not loaded: composing keeps every key and value as a node with
+its line, and keeps duplicate keys that ``yaml.safe_load`` would silently collapse. A ``_Reader`` then
+walks the node tree against schema tables (YAML key -> dataclass attribute, converter), so that
+
+- every mapping is checked for duplicate and unknown keys before any of its values is converted;
+- every scalar goes through ``${VAR}`` substitution on its own node, after parsing, so an environment
+  value can never inject YAML structure; a plain (unquoted) scalar is re-typed after substitution
+  (``port: ${PORT}`` with ``PORT=9000`` is the integer 9000), a quoted one stays a string;
+- every failure is one ``ConfigError`` with file, line and dotted path (``pools.web.servers[0].address``).
+
+A key set to ``null`` (or left empty) means the same as leaving it out: the dataclass default applies.
+Defaults therefore live in one place, the dataclasses below, and ``dump_effective`` writes them back out
+with the same schema tables, which is what keeps ``parse_config(dump_effective(c)) == c`` true.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import ipaddress
+import math
+import os
+import re
+import shlex
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeGuard, TypeVar
+
+import yaml
+
+from balancer.errors import ConfigError
+
+__all__ = [
+    "BALANCE_POLICIES", "DEFAULT_CONFIG_PATH", "LOG_LEVELS", "AdminConfig", "Config", "ConnectionsConfig",
+    "HealthConfig", "LimitsConfig", "ListenConfig", "LogConfig", "PoolConfig", "PoolMap", "RouteConfig",
+    "ServerConfig", "ShutdownConfig", "SpawnConfig", "TimeoutsConfig", "dump_effective", "format_duration",
+    "load_config", "parse_config", "parse_duration", "split_address",
+]
+
+DEFAULT_CONFIG_PATH = "config/balancer.yaml"
+BALANCE_POLICIES = ("round_robin", "least_loaded", "p2c")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+# Every config class is keyword-only: positional arguments would make it too easy to swap two timeouts.
+
+
+# --- the schema as dataclasses ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ListenConfig:
+    """Where the proxy accepts clients. ``port`` 0 asks the OS for any free port (tests)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AdminConfig:
+    """The admin/stats listener. ``token``: bearer token required by the admin API; None = no auth."""
+
+    host: str = "127.0.0.1"
+    port: int = 8081
+    token: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LogConfig:
+    """``level`` is one of ``LOG_LEVELS``; ``access_log`` logs one line per proxied request."""
+
+    level: str = "info"
+    access_log: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ShutdownConfig:
+    """Seconds to let in-flight requests finish, then to let each worker exit after SIGTERM."""
+
+    drain_timeout_s: float = 15.0
+    worker_stop_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LimitsConfig:
+    """``max_body``: largest request body in bytes; 0 = unlimited."""
+
+    max_body: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SpawnConfig:
+    """Worker processes the balancer starts and supervises (``count`` copies of ``command``).
+
+    ``env`` is extra environment as ordered ``(name, value)`` pairs (a tuple so the config stays
+    hashable); ``cwd`` None = the balancer's own directory. ``keepalive_timeout_s`` is the keep-alive the
+    balancer asks its workers to use, so that its own idle timeout can stay below it.
+    """
+
+    command: tuple[str, ...] = ("python", "-m", "backends")
+    count: int = 4
+    env: tuple[tuple[str, str], ...] = ()
+    cwd: str | None = None
+    start_timeout_s: float = 10.0
+    keepalive_timeout_s: float = 75.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerConfig:
+    """A fixed backend. ``address`` as written (``"[::1]:9001"``); ``host`` without brackets (``"::1"``)."""
+
+    address: str
+    host: str
+    port: int
+    weight: int = 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HealthConfig:
+    """Active health checks: GET ``path`` every ``interval_s``; ``rise`` passes in a row readmit a
+    backend, ``fall`` failures in a row eject it. A pass is a status within ``expect`` (lo, hi) inclusive.
+    """
+
+    path: str = "/health"
+    interval_s: float = 2.0
+    timeout_s: float = 1.0
+    rise: int = 2
+    fall: int = 3
+    expect: tuple[int, int] = (200, 399)
+    enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TimeoutsConfig:
+    """Per upstream request, seconds: TCP connect, wait for the response head, longest gap mid-body."""
+
+    connect_s: float = 3.0
+    response_s: float = 30.0
+    read_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConnectionsConfig:
+    """The upstream connection pool, per backend. For ``max``, ``max_requests``, ``max_lifetime_s``,
+    0 = unlimited. ``idle_timeout_s`` None = derived by the app (below the spawned workers' keep-alive,
+    else 15s).
+    """
+
+    max: int = 0
+    max_idle: int = 32
+    min_idle: int = 0
+    idle_timeout_s: float | None = None
+    max_requests: int = 1000
+    max_lifetime_s: float = 3600.0
+    acquire_timeout_s: float = 5.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PoolConfig:
+    """A named set of backends: spawned workers, fixed ``servers``, or both (never neither).
+
+    ``health`` None = the section was absent; the app then checks spawned workers with the defaults.
+    """
+
+    name: str
+    balance: str = "round_robin"
+    spawn: SpawnConfig | None = None
+    servers: tuple[ServerConfig, ...] = ()
+    health: HealthConfig | None = None
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+    connections: ConnectionsConfig = ConnectionsConfig()
+    retries: int = 2
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RouteConfig:
+    """Requests whose path starts with ``path_prefix`` (and, if set, whose lower-cased Host is ``host``)
+    go to ``pool``.
+    """
+
+    name: str
+    path_prefix: str = "/"
+    host: str | None = None
+    pool: str
+
+
+class PoolMap(Mapping[str, PoolConfig]):
+    """The pools by name, in file order. Immutable, hashable and picklable (a ``MappingProxyType`` is
+    none of the last two), so a ``Config`` can cross into a worker process.
+    """
+
+    __slots__ = ("_by_name", "_pools")
+
+    def __init__(self, pools: Iterable[PoolConfig]) -> None:
+        self._pools = tuple(pools)
+        self._by_name = {pool.name: pool for pool in self._pools}
+
+    def __getitem__(self, name: str) -> PoolConfig:
+        return self._by_name[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_name)
+
+    def __len__(self) -> int:
+        return len(self._pools)
+
+    def __eq__(self, other: object) -> bool:
+        # Order matters (it is file order, shown to operators), so not Mapping's order-blind equality.
+        return isinstance(other, PoolMap) and self._pools == other._pools
+
+    def __hash__(self) -> int:
+        return hash(self._pools)
+
+    def __reduce__(self) -> tuple[type[PoolMap], tuple[tuple[PoolConfig, ...]]]:
+        return PoolMap, (self._pools,)
+
+    def __repr__(self) -> str:
+        return f"PoolMap({', '.join(self._by_name)})"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    """The whole file. ``admin`` None = no admin listener. ``source`` and ``text_hash`` (sha256 hex of the
+    text) say where the config came from and are left out of ``==``: equal configs may come from
+    different files.
+    """
+
+    source: str = field(default="<string>", compare=False)
+    text_hash: str = field(default="", compare=False)
+    listen: ListenConfig = ListenConfig()
+    admin: AdminConfig | None = None
+    workers: int = 1
+    log: LogConfig = LogConfig()
+    shutdown: ShutdownConfig = ShutdownConfig()
+    limits: LimitsConfig = LimitsConfig()
+    trusted_proxies: tuple[str, ...] = ()
+    pools: PoolMap
+    routes: tuple[RouteConfig, ...]
+
+
+# --- public entry points -------------------------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate the file at ``path``; every problem is a ``ConfigError`` naming the file."""
+    source = os.fspath(path)
+    try:
+        with open(source, encoding="utf-8") as file:
+            text = file.read()
+    except FileNotFoundError:
+        raise ConfigError("no such file", file=source) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"not a UTF-8 text file ({exc.reason} at byte {exc.start})", file=source) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror or exc}", file=source) from None
+    return parse_config(text, source, environ)
+
+
+def parse_config(text: str, source: str = "<string>", environ: Mapping[str, str] | None = None) -> Config:
+    """Validate ``text``; ``source`` names it in messages. ``environ`` defaults to ``os.environ``."""
+    loader, root = _compose(text, source)
+    if root is None or (isinstance(root, yaml.ScalarNode) and root.tag == _NULL):
+        raise ConfigError("the file is empty; a config needs at least a `pools` section", file=source, line=1)
+    reader = _Reader(source, os.environ if environ is None else environ, loader)
+    if not isinstance(root, yaml.MappingNode):
+        shown = _show(reader.value(root, ""))
+        raise reader.error(f"expected a mapping at the top level, got {shown}", root, "")
+    fields = reader.fields(root, "", _CONFIG, required=("pools",))
+    if "routes" not in fields:
+        fields["routes"] = (RouteConfig(name="default", pool=next(iter(fields["pools"]))),)
+    return Config(source=source, text_hash=hashlib.sha256(text.encode()).hexdigest(), **fields)
+
+
+# A sign is accepted only so that "-1s" gets the precise message ("expected ... >= 0").
+_DURATION = re.compile(r"(?P<number>[+-]?(?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?)\s*(?P<unit>ms|s|m|h)?",
+                       re.IGNORECASE | re.ASCII)
+_UNIT_SECONDS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _compose(text: str, source: str) -> tuple[_Loader, yaml.Node | None]:
+    """The node tree of ``text`` (None when it holds no document), YAML syntax errors translated."""
+    try:
+        loader = _Loader(text)  # already scans for characters YAML forbids (a ReaderError)
+        try:
+            return loader, loader.get_single_node()
+        finally:
+            loader.dispose()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        problem = "; ".join(part for part in (exc.context, exc.problem) if part)
+        raise ConfigError(f"invalid YAML: {problem}", file=source,
+                          line=mark.line + 1 if mark else None) from None
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        raise ConfigError(f"invalid YAML: {str(exc).splitlines()[0]}", file=source, line=line) from None
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from ``500ms``, ``2s``, ``1.5s``, ``1m``, ``1h``, or a bare number of seconds (``2``,
+    ``1.5``, ``"2"``). Negative, infinite or NaN values and booleans raise ``ConfigError``.
+    """
+    match = _DURATION.fullmatch(value.strip()) if isinstance(value, str) else None
+    try:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            seconds = float(value)
+        elif match is not None:
+            # Divide for ms rather than multiply by 0.001, so "100ms" is exactly the float 0.1.
+            seconds, unit = float(match["number"]), (match["unit"] or "").lower()
+            seconds = seconds / 1000 if unit == "ms" else seconds * _UNIT_SECONDS[unit]
+        else:
+            raise ConfigError(f"expected a duration like '2s' or '500ms', got {_show(value)}")
+    except OverflowError:
+        seconds = math.inf
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ConfigError(f"expected a finite duration >= 0, got {_show(value)}")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest unit-bearing spelling that ``parse_duration`` reads back as exactly ``seconds``."""
+    if seconds >= 3600 and seconds % 3600 == 0:
+        return f"{int(seconds // 3600)}h"
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{int(seconds // 60)}m"
+    if float(seconds).is_integer():
+        return f"{int(seconds)}s"
+    millis = round(seconds * 1000)
+    if seconds < 1 and millis / 1000 == seconds:
+        return f"{millis}ms"
+    return f"{float(seconds)!r}s"
+
+
+def dump_effective(config: Config) -> str:
+    """The config as YAML with every default filled in (what ``balancer check`` prints)."""
+    header = f"# effective configuration of {config.source}, every default filled in\n"
+    body = yaml.safe_dump(_dump(config), sort_keys=False, default_flow_style=False, allow_unicode=True)
+    return header + body
+
+
+# --- the node walker -------------------------------------------------------------------------------------
+
+_STR = "tag:yaml.org,2002:str"
+_NULL = "tag:yaml.org,2002:null"
+_MERGE = "tag:yaml.org,2002:merge"
+
+
+class _Loader(yaml.SafeLoader):
+    """A SafeLoader that remembers which scalars were plain and untagged: only those are re-typed after
+    ``${VAR}`` substitution (``"${PORT}"`` and ``!!str ${PORT}`` stay strings).
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.retyped: set[int] = set()  # id() of nodes; the tree keeps them alive for the whole parse
+
+    def compose_scalar_node(self, anchor: Any) -> yaml.ScalarNode:  # (the stubs mistype `anchor`)
+        event = self.peek_event()  # type: ignore[no-untyped-call]  # untyped in types-PyYAML
+        node = super().compose_scalar_node(anchor)
+        if getattr(event, "tag", None) is None and getattr(event, "style", None) is None:
+            self.retyped.add(id(node))
+        return node
+
+
+T = TypeVar("T")
+Converter = Callable[["_Reader", yaml.Node, str], Any]
+Schema = Mapping[str, tuple[str, Converter]]  # YAML key -> (dataclass attribute, converter)
+
+
+class _Reader:
+    """One parse: turns nodes into values, or into a located ``ConfigError``."""
+
+    __slots__ = ("environ", "loader", "pool_names", "source")
+
+    def __init__(self, source: str, environ: Mapping[str, str], loader: _Loader) -> None:
+        self.source = source
+        self.environ = environ
+        self.loader = loader
+        self.pool_names: tuple[str, ...] = ()  # set by _pools; the top-level schema lists pools first
+
+    def error(self, message: str, node: yaml.Node, path: str) -> ConfigError:
+        return ConfigError(message, file=self.source, line=node.start_mark.line + 1, path=path or None)
+
+    def value(self, node: yaml.Node, path: str) -> object:
+        """A scalar's Python value after substitution; a mapping or list comes back as its node."""
+        if not isinstance(node, yaml.ScalarNode):
+            return node
+        if node.tag == _STR and "$" in node.value:
+            text = self.substitute(node, path)
+            if id(node) not in self.loader.retyped:
+                return text
+            tag = self.loader.resolve(yaml.ScalarNode, text, (True, False))  # type: ignore[no-untyped-call]
+            node = yaml.ScalarNode(tag, text, node.start_mark, node.end_mark)
+        try:
+            return self.loader.construct_object(node)
+        except (yaml.YAMLError, ValueError) as exc:  # an explicit tag that does not fit, like `!!int x`
+            reason = exc.problem if isinstance(exc, yaml.MarkedYAMLError) else exc
+            raise self.error(f"cannot read value: {reason}", node, path) from None
+
+    def text(self, node: yaml.Node, path: str) -> str:
+        """A scalar's source text after substitution, untyped: for argv items and environment values,
+        where ``1.0`` should stay ``"1.0"`` and ``yes`` stay ``"yes"``.
+        """
+        if not isinstance(node, yaml.ScalarNode) or node.tag == _NULL:
+            raise self.error(f"expected a string, got {_show(self.value(node, path))}", node, path)
+        return self.substitute(node, path)
+
+    def substitute(self, node: yaml.ScalarNode, path: str) -> str:
+        try:
+            return _ENV_REF.sub(lambda match: _expand(match, self.environ), node.value)
+        except ConfigError as exc:
+            raise self.error(exc.reason, node, path) from None
+
+    def is_null(self, node: yaml.Node, path: str) -> bool:
+        return isinstance(node, yaml.ScalarNode) and self.value(node, path) is None
+
+    def mapping(self, node: yaml.Node, path: str,
+                allowed: Mapping[str, object] | None) -> dict[str, tuple[yaml.Node, yaml.Node]]:
+        """Key -> (key node, value node), refusing duplicates and keys not in ``allowed`` (None = any)."""
+        if not isinstance(node, yaml.MappingNode):
+            raise self.error(f"expected a mapping, got {_show(self.value(node, path))}", node, path)
+        pairs: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise self.error("keys must be plain strings", key_node, path)
+            key = key_node.value
+            where = _join(path, key)
+            if key_node.tag == _MERGE:
+                raise self.error("YAML merge keys ('<<') are not supported; alias a whole section instead",
+                                 key_node, path)
+            if key in pairs:
+                first = pairs[key][0].start_mark.line + 1
+                raise self.error(f"duplicate key (first given on line {first})", key_node, where)
+            if allowed is not None and key not in allowed:
+                raise self.error(_unknown_key(key, list(allowed)), key_node, where)
+            pairs[key] = (key_node, value_node)
+        return pairs
+
+    def fields(self, node: yaml.Node, path: str, schema: Schema,
+               required: tuple[str, ...] = ()) -> dict[str, Any]:
+        """Dataclass keyword arguments for the keys present, converted in schema order."""
+        pairs = self.mapping(node, path, schema)
+        present = {key: node for key, (_, node) in pairs.items() if not self.is_null(node, _join(path, key))}
+        for key in required:
+            if key not in present:
+                raise self.error(f"missing required key {key!r}", node, path)
+        return {attr: convert(self, present[key], _join(path, key))
+                for key, (attr, convert) in schema.items() if key in present}
+
+    def items(self, node: yaml.Node, path: str) -> list[tuple[yaml.Node, str]]:
+        """A list's items with their paths (``routes[0]``)."""
+        if not isinstance(node, yaml.SequenceNode):
+            raise self.error(f"expected a list, got {_show(self.value(node, path))}", node, path)
+        return [(item, f"{path}[{index}]") for index, item in enumerate(node.value)]
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _show(value: object) -> str:
+    """A value as the operator wrote it: YAML spellings for null and booleans, repr otherwise."""
+    if isinstance(value, yaml.MappingNode):
+        return "a mapping"
+    if isinstance(value, yaml.SequenceNode):
+        return "a list"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
+def _unknown_key(key: str, allowed: list[str]) -> str:
+    close = difflib.get_close_matches(key, allowed, n=1)
+    if close:
+        return f"unknown key (did you mean {close[0]!r}?)"
+    return f"unknown key (allowed: {', '.join(allowed)})"
+
+
+# `$$` is a literal `$`; `${` must be closed. A `$` before anything else is left alone ("pa$word").
+_ENV_REF = re.compile(r"\$(?:(\$)|\{(?P<body>[^}]*)\}|\{)")
+_ENV_BODY = re.compile(r"(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>.*))?", re.DOTALL)
+
+
+def _expand(match: re.Match[str], environ: Mapping[str, str]) -> str:
+    if match[1]:
+        return "$"
+    body = match["body"]
+    if body is None:
+        raise ConfigError("unterminated '${' (write '$$' for a literal '$')")
+    ref = _ENV_BODY.fullmatch(body)
+    if ref is None:
+        raise ConfigError(f"bad variable reference '${{{body}}}': use ${{NAME}} or ${{NAME:-default}}")
+    name, default = ref["name"], ref["default"]
+    value = environ.get(name)
+    # Shell semantics: `:-` also replaces a variable that is set but empty.
+    if value is not None and (value or default is None):
+        return value
+    if default is not None:
+        return default
+    raise ConfigError(f"environment variable {name!r} is not set")
+
+
+# --- converters: (reader, node, path) -> value ------------------------------------------------------------
+# Scalar checks take the substituted value and raise an unlocated ConfigError; `_scalar` adds the location.
+
+
+def _scalar(check: Callable[[Any], T]) -> Callable[[_Reader, yaml.Node, str], T]:
+    def convert(reader: _Reader, node: yaml.Node, path: str) -> T:
+        try:
+            return check(reader.value(node, path))
+        except ConfigError as exc:
+            if exc.file is not None:
+                raise
+            raise reader.error(exc.reason, node, path) from None
+    return convert
+
+
+def _section(cls: Callable[..., T], schema: Schema) -> Callable[[_Reader, yaml.Node, str], T]:
+    def convert(reader: _Reader, node: yaml.Node, path: str) -> T:
+        return cls(**reader.fields(node, path, schema))
+    return convert
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)  # `rise: true` is not 1
+
+
+def _integer(low: int, high: int | None = None) -> Converter:
+    def check(value: object) -> int:
+        if _is_int(value) and low <= value and (high is None or value <= high):
+            return value
+        bound = f">= {low}" if high is None else f"in {low}..{high}"
+        raise ConfigError(f"expected an integer {bound}, got {_show(value)}")
+    return _scalar(check)
+
+
+def _duration(*, positive: bool = False) -> Converter:
+    def check(value: object) -> float:
+        seconds = parse_duration(value)
+        if positive and seconds == 0:
+            raise ConfigError(f"expected a duration > 0, got {_show(value)}")
+        return seconds
+    return _scalar(check)
+
+
+def _string_value(value: object) -> str:
+    if isinstance(value, str) and value:
+        return value
+    hint = " (quote it to make it a string)" if isinstance(value, (int, float)) else ""
+    raise ConfigError(f"expected a non-empty string, got {_show(value)}{hint}")
+
+
+def _boolean_value(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(f"expected true or false, got {_show(value)}")
+
+
+def _choice(*options: str) -> Converter:
+    def check(value: object) -> str:
+        if isinstance(value, str) and value.lower() in options:
+            return value.lower()
+        raise ConfigError(f"expected one of {', '.join(options)}, got {_show(value)}")
+    return _scalar(check)
+
+
+def _url_path_value(value: object) -> str:
+    if isinstance(value, str) and value.startswith("/"):
+        return value
+    raise ConfigError(f"expected a path starting with '/', got {_show(value)}")
+
+
+def _workers_value(value: object) -> int:
+    if value == "auto":
+        return os.cpu_count() or 1
+    if _is_int(value) and value >= 1:
+        return value
+    raise ConfigError(f"expected an integer >= 1 or 'auto', got {_show(value)}")
+
+
+_SIZE = re.compile(r"(?P<number>\d+(?:\.\d+)?)\s*(?P<unit>[kmg]i?b|b)?", re.IGNORECASE | re.ASCII)
+_SIZE_UNITS = {None: 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def _size_value(value: object) -> int:
+    if _is_int(value) and value >= 0:
+        return value
+    match = _SIZE.fullmatch(value.strip()) if isinstance(value, str) else None
+    if match is None:
+        raise ConfigError(f"expected a size in bytes like 1048576 or '10MiB', got {_show(value)}")
+    unit = match["unit"].lower() if match["unit"] else None
+    return int(float(match["number"]) * _SIZE_UNITS[unit])
+
+
+_STATUS_RANGE = re.compile(r"(\d{3})(?:\s*-\s*(\d{3}))?", re.ASCII)
+
+
+def _status_range_value(value: object) -> tuple[int, int]:
+    match = _STATUS_RANGE.fullmatch(value.strip()) if isinstance(value, str) else None
+    if _is_int(value):
+        low = high = value
+    elif match is not None:
+        low, high = int(match[1]), int(match[2] or match[1])
+    else:
+        low, high = 0, -1
+    if not 100 <= low <= high <= 599:
+        raise ConfigError(f"expected a status or range like 200 or '200-399' within 100..599, "
+                          f"got {_show(value)}")
+    return low, high
+
+
+def _cidr_value(value: object) -> str:
+    try:
+        if isinstance(value, str):
+            return str(ipaddress.ip_network(value.strip(), strict=False))
+    except ValueError:
+        pass
+    raise ConfigError(f"expected an IP network like '10.0.0.0/8' or '::1', got {_show(value)}")
+
+
+_ADDRESS = re.compile(r"(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:\[\]\s/]+)):(?P<port>\d{1,5})", re.ASCII)
+
+
+def split_address(text: str) -> tuple[str, int]:
+    """``"host:port"`` or ``"[v6]:port"`` -> (host without brackets, port 1..65535)."""
+    match = _ADDRESS.fullmatch(text.strip())
+    if match is None or not 1 <= int(match["port"]) <= 65535:
+        hint = " (IPv6 needs brackets: '[::1]:9001')" if text.count(":") > 1 and "[" not in text else ""
+        raise ConfigError(f"expected 'host:port' with a port in 1..65535, got {text!r}{hint}")
+    if match["v6"] is not None:
+        try:
+            ipaddress.IPv6Address(match["v6"])
+        except ValueError:
+            raise ConfigError(f"not an IPv6 address in brackets: {text!r}") from None
+    return match["v6"] or match["host"], int(match["port"])
+
+
+def _address_value(value: object) -> str:
+    text = _string_value(value).strip()
+    split_address(text)
+    return text
+
+
+_STRING = _scalar(_string_value)
+_ADDRESS_TEXT = _scalar(_address_value)
+
+
+def _hostname(reader: _Reader, node: yaml.Node, path: str) -> str:
+    return _STRING(reader, node, path).lower()  # Host headers compare case-insensitively
+
+
+def _cidrs(reader: _Reader, node: yaml.Node, path: str) -> tuple[str, ...]:
+    # Stored normalised (`10.0.0.1` -> `10.0.0.1/32`), so consumers can compare strings.
+    return tuple(_scalar(_cidr_value)(reader, item, where) for item, where in reader.items(node, path))
+
+
+def _command(reader: _Reader, node: yaml.Node, path: str) -> tuple[str, ...]:
+    if isinstance(node, yaml.SequenceNode):
+        argv = tuple(reader.text(item, where) for item, where in reader.items(node, path))
+    else:
+        line = reader.value(node, path)
+        if not isinstance(line, str):
+            message = f"expected a list of arguments or a command line, got {_show(line)}"
+            raise reader.error(message, node, path)
+        try:
+            argv = tuple(shlex.split(line))
+        except ValueError as exc:  # unbalanced quotes
+            raise reader.error(f"cannot split command line: {exc}", node, path) from None
+    if not argv or not argv[0]:
+        raise reader.error("expected a non-empty command", node, path)
+    return argv
+
+
+def _env(reader: _Reader, node: yaml.Node, path: str) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for name, (key_node, value_node) in reader.mapping(node, path, None).items():
+        where = _join(path, name)
+        if not name or "=" in name or "\0" in name:
+            raise reader.error("not a valid environment variable name", key_node, where)
+        pairs.append((name, reader.text(value_node, where)))
+    return tuple(pairs)
+
+
+def _server(reader: _Reader, node: yaml.Node, path: str) -> ServerConfig:
+    if isinstance(node, yaml.MappingNode):
+        fields = reader.fields(node, path, _SERVER, required=("address",))
+    else:  # the short form: a bare "host:port" list item
+        fields = {"address": _ADDRESS_TEXT(reader, node, path)}
+    host, port = split_address(fields["address"])
+    return ServerConfig(host=host, port=port, **fields)
+
+
+def _servers(reader: _Reader, node: yaml.Node, path: str) -> tuple[ServerConfig, ...]:
+    servers: dict[tuple[str, int], ServerConfig] = {}
+    for item, where in reader.items(node, path):
+        server = _server(reader, item, where)
+        if (server.host, server.port) in servers:  # use `weight` to favour a server, not repetition
+            raise reader.error(f"duplicate server {server.address!r}", item, where)
+        servers[server.host, server.port] = server
+    return tuple(servers.values())
+
+
+def _connections(reader: _Reader, node: yaml.Node, path: str) -> ConnectionsConfig:
+    limits = ConnectionsConfig(**reader.fields(node, path, _CONNECTIONS))
+    if limits.min_idle > limits.max_idle:
+        message = f"min_idle ({limits.min_idle}) must not exceed max_idle ({limits.max_idle})"
+    elif limits.max and limits.min_idle > limits.max:
+        message = f"min_idle ({limits.min_idle}) must not exceed max ({limits.max})"
+    else:
+        return limits
+    # min_idle must have been given explicitly: its default, 0, cannot break either rule.
+    min_idle_node = next(value for key, value in node.value if key.value == "min_idle")
+    raise reader.error(message, min_idle_node, _join(path, "min_idle"))
+
+
+_POOL_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def _pools(reader: _Reader, node: yaml.Node, path: str) -> PoolMap:
+    pairs = reader.mapping(node, path, None)
+    if not pairs:
+        raise reader.error("at least one pool is required", node, path)
+    pools = PoolMap(_pool(reader, name, key_node, value_node, _join(path, name))
+                    for name, (key_node, value_node) in pairs.items())
+    reader.pool_names = tuple(pools)
+    return pools
+
+
+def _pool(reader: _Reader, name: str, key_node: yaml.Node, node: yaml.Node, path: str) -> PoolConfig:
+    if not _POOL_NAME.fullmatch(name):
+        raise reader.error("a pool name may only use letters, digits, '_', '.' and '-'", key_node, path)
+    fields = {} if reader.is_null(node, path) else reader.fields(node, path, _POOL)
+    pool = PoolConfig(name=name, **fields)
+    if pool.spawn is None and not pool.servers:
+        raise reader.error("empty pool: give `spawn` or at least one entry in `servers`", key_node, path)
+    return pool
+
+
+def _route_pool(reader: _Reader, node: yaml.Node, path: str) -> str:
+    name = _STRING(reader, node, path)
+    if name not in reader.pool_names:
+        raise reader.error(f"no pool named {name!r} (pools: {', '.join(reader.pool_names)})", node, path)
+    return name
+
+
+def _routes(reader: _Reader, node: yaml.Node, path: str) -> tuple[RouteConfig, ...]:
+    items = reader.items(node, path)
+    if not items:  # almost certainly a mistake: nothing at all would be routed
+        raise reader.error("no routes: add one, or remove `routes` to send everything to the first pool",
+                           node, path)
+    routes: dict[str, RouteConfig] = {}
+    for index, (item, where) in enumerate(items):
+        route = RouteConfig(**{"name": f"route{index}", **reader.fields(item, where, _ROUTE, ("pool",))})
+        if route.name in routes:
+            raise reader.error(f"duplicate route name {route.name!r}", item, where)
+        routes[route.name] = route
+    return tuple(routes.values())
+
+
+# --- the schema tables: YAML key -> (dataclass attribute, converter) ------------------------------------
+# These YAML names are a public interface. Dict order is conversion order (hence `pools` before
+# `routes`) and the key order of `dump_effective`.
+
+_LISTEN: Schema = {"host": ("host", _STRING), "port": ("port", _integer(0, 65535))}
+_ADMIN: Schema = {**_LISTEN, "token": ("token", _STRING)}  # same checks, AdminConfig's defaults
+_LOG: Schema = {"level": ("level", _choice(*LOG_LEVELS)),
+                "access_log": ("access_log", _scalar(_boolean_value))}
+_SHUTDOWN: Schema = {"drain_timeout": ("drain_timeout_s", _duration()),
+                     "worker_stop_timeout": ("worker_stop_timeout_s", _duration())}
+_LIMITS: Schema = {"max_body": ("max_body", _scalar(_size_value))}
+_SPAWN: Schema = {
+    "command": ("command", _command), "count": ("count", _integer(1, 256)), "env": ("env", _env),
+    "cwd": ("cwd", _STRING), "start_timeout": ("start_timeout_s", _duration(positive=True)),
+    "keepalive_timeout": ("keepalive_timeout_s", _duration(positive=True)),
+}
+_SERVER: Schema = {"address": ("address", _ADDRESS_TEXT), "weight": ("weight", _integer(0, 1000))}
+_HEALTH: Schema = {
+    "path": ("path", _scalar(_url_path_value)), "interval": ("interval_s", _duration(positive=True)),
+    "timeout": ("timeout_s", _duration(positive=True)), "rise": ("rise", _integer(1)),
+    "fall": ("fall", _integer(1)), "expect": ("expect", _scalar(_status_range_value)),
+    "enabled": ("enabled", _scalar(_boolean_value)),
+}
+_TIMEOUTS: Schema = {"connect": ("connect_s", _duration(positive=True)),
+                     "response": ("response_s", _duration(positive=True)),
+                     "read": ("read_s", _duration(positive=True))}
+_CONNECTIONS: Schema = {
+    "max": ("max", _integer(0)), "max_idle": ("max_idle", _integer(0)), "min_idle": ("min_idle", _integer(0)),
+    "idle_timeout": ("idle_timeout_s", _duration(positive=True)),
+    "max_requests": ("max_requests", _integer(0)), "max_lifetime": ("max_lifetime_s", _duration()),
+    "acquire_timeout": ("acquire_timeout_s", _duration(positive=True)),
+}
+_POOL: Schema = {
+    "balance": ("balance", _choice(*BALANCE_POLICIES)), "spawn": ("spawn", _section(SpawnConfig, _SPAWN)),
+    "servers": ("servers", _servers), "health": ("health", _section(HealthConfig, _HEALTH)),
+    "timeouts": ("timeouts", _section(TimeoutsConfig, _TIMEOUTS)),
+    "connections": ("connections", _connections), "retries": ("retries", _integer(0, 10)),
+}
+_ROUTE: Schema = {"name": ("name", _STRING), "path_prefix": ("path_prefix", _scalar(_url_path_value)),
+                  "host": ("host", _hostname), "pool": ("pool", _route_pool)}
+_CONFIG: Schema = {
+    "listen": ("listen", _section(ListenConfig, _LISTEN)), "admin": ("admin", _section(AdminConfig, _ADMIN)),
+    "workers": ("workers", _scalar(_workers_value)), "log": ("log", _section(LogConfig, _LOG)),
+    "shutdown": ("shutdown", _section(ShutdownConfig, _SHUTDOWN)),
+    "limits": ("limits", _section(LimitsConfig, _LIMITS)), "trusted_proxies": ("trusted_proxies", _cidrs),
+    "pools": ("pools", _pools), "routes": ("routes", _routes),
+}
+_SCHEMAS: dict[type, Schema] = {
+    Config: _CONFIG, ListenConfig: _LISTEN, AdminConfig: _ADMIN, LogConfig: _LOG, ShutdownConfig: _SHUTDOWN,
+    LimitsConfig: _LIMITS, PoolConfig: _POOL, SpawnConfig: _SPAWN, ServerConfig: _SERVER,
+    HealthConfig: _HEALTH, TimeoutsConfig: _TIMEOUTS, ConnectionsConfig: _CONNECTIONS, RouteConfig: _ROUTE,
+}
+
+
+# --- dumping ---------------------------------------------------------------------------------------------
+
+
+def _dump(value: Any, attr: str = "") -> Any:
+    """The YAML-ready form of a config value, driven by the same schema tables as parsing."""
+    schema = _SCHEMAS.get(type(value))
+    if schema is not None:  # a ServerConfig dumps only address and weight: host/port derive from them
+        return {key: _dump(getattr(value, name), name) for key, (name, _) in schema.items()}
+    if isinstance(value, PoolMap):
+        return {name: _dump(pool) for name, pool in value.items()}
+    if attr == "expect":
+        return f"{value[0]}-{value[1]}"
+    if attr == "env":
+        return {name: _dump(text) for name, text in value}
+    if isinstance(value, tuple):
+        return [_dump(item) for item in value]
+    if isinstance(value, float):  # every float in the schema is a duration in seconds
+        return format_duration(value)
+    if isinstance(value, str):
+        return value.replace("$", "$$")  # so that reading it back does not substitute anything
+    return value

@@ -1,0 +1,205 @@
+"""Active health checks: a pure threshold tracker and the probe tasks that feed it.
+
+Theory of operation
+-------------------
+:class:`HealthTracker` counts consecutive results (pingora's and HAProxy's model): a healthy backend
+is ejected after ``fall`` failures in a row, an ejected one readmitted after ``rise`` passes in a row.
+``record()`` returns the flip, if any, and the checker reports exactly that to the registry, so each
+transition is logged once, with its reason.
+
+A backend that has *never* passed (a spawned worker that just started, or whose process was replaced)
+starts unhealthy and needs a single pass: it takes traffic only once its process is up **and** its
+first check succeeded. After a failure it needs the full ``rise``.
+
+Probes run on their own connections (an aiohttp session with ``force_close``), never through the
+data-plane pool, with jitter so backends are not probed in lockstep. While a backend is starting or
+down, it is probed more often (``fast_interval``), so it comes back quickly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiohttp
+
+from .registry import Backend, Registry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class HealthPolicy:
+    path: str = "/health"
+    interval_s: float = 2.0
+    timeout_s: float = 1.0
+    rise: int = 2
+    fall: int = 3
+    expect: tuple[int, int] = (200, 399)
+    jitter: float = 0.1            # up to 10 % of the interval
+
+    @property
+    def fast_interval_s(self) -> float:
+        return min(self.interval_s / 4, 0.5)
+
+
+class HealthTracker:
+    """Consecutive-threshold health state. Pure: no clock, no I/O.
+
+    ``fresh`` means "never checked since (re)start": one pass admits it. Any failure ends freshness,
+    and from then on it takes ``rise`` passes in a row to come up.
+    """
+
+    __slots__ = ("fails", "fall", "fresh", "healthy", "passes", "rise")
+
+    def __init__(self, rise: int, fall: int, healthy: bool = False) -> None:
+        self.rise = rise
+        self.fall = fall
+        self.healthy = healthy
+        self.fresh = not healthy
+        self.passes = 0
+        self.fails = 0
+
+    def reset(self) -> None:
+        """A new process behind the same slot: unhealthy until its first pass."""
+        self.healthy = False
+        self.fresh = True
+        self.passes = self.fails = 0
+
+    def record(self, ok: bool) -> bool | None:
+        """Count one result; return the new health when it flipped, else None."""
+        if ok:
+            self.fails = 0
+            self.passes += 1
+            if not self.healthy and self.passes >= (1 if self.fresh else self.rise):
+                self.healthy = True
+                self.fresh = False
+                return True
+        else:
+            self.passes = 0
+            self.fails += 1
+            self.fresh = False
+            if self.healthy and self.fails >= self.fall:
+                self.healthy = False
+                return False
+        return None
+
+    @property
+    def is_settled(self) -> bool:
+        """Steadily up: probe at the normal interval (otherwise at the fast one)."""
+        return self.healthy and self.fails == 0
+
+    def __repr__(self) -> str:
+        return (f"<HealthTracker {'healthy' if self.healthy else 'unhealthy'} passes={self.passes} "
+                f"fails={self.fails} rise={self.rise} fall={self.fall}{' fresh' if self.fresh else ''}>")
+
+
+Probe = Callable[[Backend, HealthPolicy], "asyncio.Future[tuple[bool, str]] | object"]
+
+
+class HealthChecker:
+    """One probe task per checked backend; results go to the registry."""
+
+    def __init__(self, registry: Registry, *, rand: Callable[[], float] = random.random) -> None:
+        self.registry = registry
+        self._rand = rand
+        self._checks: dict[str, tuple[Backend, HealthPolicy, HealthTracker, asyncio.Event]] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._session: aiohttp.ClientSession | None = None
+
+    def add(self, backend: Backend, policy: HealthPolicy, *, start_healthy: bool = False) -> None:
+        """Check ``backend`` from now on. Spawned workers start unhealthy (gated on their first
+        pass); external servers start healthy, as in HAProxy, and are ejected after ``fall``."""
+        tracker = HealthTracker(policy.rise, policy.fall, healthy=start_healthy)
+        if not start_healthy:
+            self.registry.set_healthy(backend, False, "not yet checked")
+        self._checks[backend.id] = (backend, policy, tracker, asyncio.Event())
+        if self._session is not None:
+            self._start_task(backend.id)
+
+    def tracker(self, backend_id: str) -> HealthTracker | None:
+        entry = self._checks.get(backend_id)
+        return entry[2] if entry else None
+
+    def on_alive_changed(self, backend: Backend) -> None:
+        """Supervisor news: a process exited or a new one accepts; reset and probe at once."""
+        entry = self._checks.get(backend.id)
+        if entry is None:
+            return
+        _, _, tracker, wake = entry
+        if not backend.alive:
+            tracker.reset()
+            if backend.healthy:
+                self.registry.set_healthy(backend, False, backend.reason or "process exited")
+        wake.set()
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(force_close=True, limit=0),
+            auto_decompress=False, skip_auto_headers=("User-Agent", "Accept-Encoding"))
+        for backend_id in self._checks:
+            self._start_task(backend_id)
+
+    def _start_task(self, backend_id: str) -> None:
+        self._tasks[backend_id] = asyncio.get_running_loop().create_task(
+            self._run(backend_id), name=f"health {backend_id}")
+
+    async def _run(self, backend_id: str) -> None:
+        backend, policy, tracker, wake = self._checks[backend_id]
+        while True:
+            if not backend.alive:
+                wake.clear()
+                await wake.wait()
+                continue
+            ok, reason = await self.probe(backend, policy)
+            if backend.alive:
+                flip = tracker.record(ok)
+                if flip is not None:
+                    self._report(backend, flip, reason)
+            interval = policy.interval_s if tracker.is_settled else policy.fast_interval_s
+            if tracker.fresh:
+                interval = min(interval, 0.1)  # a starting worker: admit it as soon as it answers
+            wake.clear()
+            try:
+                async with asyncio.timeout(interval * (1.0 + policy.jitter * self._rand())):
+                    await wake.wait()
+            except TimeoutError:
+                pass
+
+    def _report(self, backend: Backend, healthy: bool, reason: str) -> None:
+        if healthy:
+            log.info("backend %s is up: health check passed (%s)", backend.id, reason)
+            self.registry.set_healthy(backend, True, "")
+        else:
+            log.warning("backend %s is down: health check failed (%s)", backend.id, reason)
+            self.registry.set_healthy(backend, False, f"health: {reason}")
+
+    async def probe(self, backend: Backend, policy: HealthPolicy) -> tuple[bool, str]:
+        """One check: (passed, reason). Reason is the status, 'timeout' or the connect error."""
+        assert self._session is not None
+        url = f"http://{backend.address}{policy.path}"
+        try:
+            async with asyncio.timeout(policy.timeout_s):
+                async with self._session.get(url, allow_redirects=False) as response:
+                    await response.read()
+                    status = response.status
+        except TimeoutError:
+            return False, f"timeout after {policy.timeout_s:g}s"
+        except aiohttp.ClientConnectorError as exc:
+            return False, f"refused ({exc.os_error.strerror or exc.os_error})"
+        except aiohttp.ClientError as exc:
+            return False, f"error ({exc.__class__.__name__})"
+        lo, hi = policy.expect
+        return lo <= status <= hi, f"status {status}"
+
+    async def aclose(self) -> None:
+        for task in self._tasks.values():
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        self._tasks.clear()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
