@@ -19,6 +19,7 @@ with the same schema tables, which is what keeps ``parse_config(dump_effective(c
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import ipaddress
@@ -45,10 +46,9 @@ DEFAULT_CONFIG_PATH = "config/balancer.yaml"
 BALANCE_POLICIES = ("round_robin", "least_loaded", "p2c")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
-# Every config class is keyword-only: positional arguments would make it too easy to swap two timeouts.
-
 
 # --- the schema as dataclasses ----------------------------------------------------------------------
+# Keyword-only, so that nobody can swap two timeouts of the same type by position.
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -442,7 +442,8 @@ class _Reader:
                required: tuple[str, ...] = ()) -> dict[str, Any]:
         """Dataclass keyword arguments for the keys present, converted in schema order."""
         pairs = self.mapping(node, path, schema)
-        present = {key: node for key, (_, node) in pairs.items() if not self.is_null(node, _join(path, key))}
+        present = {key: value for key, (_, value) in pairs.items()
+                   if not self.is_null(value, _join(path, key))}
         for key in required:
             if key not in present:
                 raise self.error(f"missing required key {key!r}", node, path)
@@ -615,11 +616,9 @@ def _status_range_value(value: object) -> tuple[int, int]:
 
 
 def _cidr_value(value: object) -> str:
-    try:
-        if isinstance(value, str):
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
             return str(ipaddress.ip_network(value.strip(), strict=False))
-    except ValueError:
-        pass
     raise ConfigError(f"expected an IP network like '10.0.0.0/8' or '::1', got {_show(value)}")
 
 

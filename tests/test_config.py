@@ -139,7 +139,8 @@ def test_null_means_default() -> None:
     assert config.listen == ListenConfig()
     assert config.admin == AdminConfig()
     health = config.pools["web"].health
-    assert health is not None and health.rise == 2
+    assert health is not None
+    assert health.rise == 2
 
 
 def test_default_config_file_is_the_documented_setup() -> None:
@@ -147,7 +148,8 @@ def test_default_config_file_is_the_documented_setup() -> None:
     config = load_config(REPO / DEFAULT_CONFIG_PATH, environ={})
     assert (config.listen.port, config.admin) == (8080, AdminConfig(host="127.0.0.1", port=8081))
     web = config.pools["web"]
-    assert web.spawn is not None and web.spawn.command == ("python", "-m", "backends")
+    assert web.spawn is not None
+    assert web.spawn.command == ("python", "-m", "backends")
     assert web.spawn.count == 4
     assert web.health == HealthConfig(path="/health", interval_s=2.0, timeout_s=1.0, rise=2, fall=3)
     assert (web.timeouts.connect_s, web.timeouts.response_s) == (3.0, 30.0)
@@ -234,7 +236,8 @@ def test_config_is_hashable_and_picklable() -> None:
     pytest.param("pools: {web: {servers: a:1}}",
                  "x.yaml:1: pools.web.servers: expected a list, got 'a:1'", id="not-a-list"),
     pytest.param("admin: {token: 1234}\n" + MINIMAL,
-                 "x.yaml:1: admin.token: expected a non-empty string, got 1234 (quote it to make it a string)",
+                 "x.yaml:1: admin.token: expected a non-empty string, got 1234 "
+                 "(quote it to make it a string)",
                  id="number-as-string"),
     pytest.param(MINIMAL + "routes: []\n",
                  "x.yaml:2: routes: no routes: add one, or remove `routes` to send everything to the "
@@ -345,13 +348,15 @@ def test_env_substitution_types_plain_scalars() -> None:
 def test_env_substitution_keeps_quoted_scalars_strings() -> None:
     """A quoted `"${TOKEN}"` stays a string even when the value looks like a number."""
     config = parse(ENV_DOC, {"PORT": "1", "TOKEN": "12345", "HOST": "0.0.0.0"})
-    assert config.admin is not None and config.admin.token == "12345"
+    assert config.admin is not None
+    assert config.admin.token == "12345"
     assert config.listen.host == "0.0.0.0"
 
 
 def test_env_substitution_unset_variable_is_located() -> None:
     """An unset variable without a default is an error at the key that uses it."""
-    assert error_of(ENV_DOC, {"TOKEN": "t"}) == "x.yaml:3: listen.port: environment variable 'PORT' is not set"
+    message = error_of(ENV_DOC, {"TOKEN": "t"})
+    assert message == "x.yaml:3: listen.port: environment variable 'PORT' is not set"
 
 
 def test_env_substitution_empty_variable_takes_the_default() -> None:
@@ -362,13 +367,15 @@ def test_env_substitution_empty_variable_takes_the_default() -> None:
 def test_env_substitution_dollar_dollar_is_literal() -> None:
     """`$$` is one `$`, and `$${X}` is the literal text `${X}`; a lone `$` is left alone."""
     config = parse("admin:\n  token: a$$b$${X}c$d\n" + MINIMAL)
-    assert config.admin is not None and config.admin.token == "a$b${X}c$d"
+    assert config.admin is not None
+    assert config.admin.token == "a$b${X}c$d"
 
 
 def test_env_substitution_cannot_inject_yaml() -> None:
     """A value full of YAML syntax is substituted as text, after parsing."""
     config = parse("admin:\n  token: ${T}\n" + MINIMAL, {"T": "x\nlisten: {port: 1}"})
-    assert config.admin is not None and config.admin.token == "x\nlisten: {port: 1}"
+    assert config.admin is not None
+    assert config.admin.token == "x\nlisten: {port: 1}"
     assert config.listen.port == 8080
 
 
@@ -409,7 +416,8 @@ def test_dump_effective_round_trips_shipped_files(name: str) -> None:
 def test_dump_effective_round_trips_every_field() -> None:
     """The full example, `$` in strings included, survives a dump and a re-parse unchanged."""
     config = parse(FULL.replace("s3cret", "'s$$3$${X}cret'"))
-    assert config.admin is not None and config.admin.token == "s$3${X}cret"
+    assert config.admin is not None
+    assert config.admin.token == "s$3${X}cret"
     assert parse_config(dump_effective(config), environ={}) == config
 
 
