@@ -17,8 +17,8 @@ from aiohttp import web
 
 from .admin import Admin
 from .config import Config, PoolConfig
-from .health import HealthChecker, HealthPolicy
 from .headers import TrustedProxies
+from .health import HealthChecker, HealthPolicy
 from .pool import PoolLimits, UpstreamPools
 from .proxy import PoolRuntime, Proxy
 from .registry import Backend, Registry

@@ -27,13 +27,28 @@ import math
 import os
 import re
 import shlex
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from typing import Any, TypeGuard, TypeVar
 
 import yaml
 
 from balancer.errors import ConfigError
+from balancer.models import (
+    AdminConfig,
+    Config,
+    ConnectionsConfig,
+    HealthConfig,
+    LimitsConfig,
+    ListenConfig,
+    LogConfig,
+    PoolConfig,
+    PoolMap,
+    RouteConfig,
+    ServerConfig,
+    ShutdownConfig,
+    SpawnConfig,
+    TimeoutsConfig,
+)
 
 __all__ = [
     "BALANCE_POLICIES", "DEFAULT_CONFIG_PATH", "LOG_LEVELS", "AdminConfig", "Config", "ConnectionsConfig",
@@ -45,200 +60,6 @@ __all__ = [
 DEFAULT_CONFIG_PATH = "config/balancer.yaml"
 BALANCE_POLICIES = ("round_robin", "least_loaded", "p2c")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-
-
-# --- the schema as dataclasses ----------------------------------------------------------------------
-# Keyword-only, so that nobody can swap two timeouts of the same type by position.
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ListenConfig:
-    """Where the proxy accepts clients. ``port`` 0 asks the OS for any free port (tests)."""
-
-    host: str = "127.0.0.1"
-    port: int = 8080
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class AdminConfig:
-    """The admin/stats listener. ``token``: bearer token required by the admin API; None = no auth."""
-
-    host: str = "127.0.0.1"
-    port: int = 8081
-    token: str | None = None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class LogConfig:
-    """``level`` is one of ``LOG_LEVELS``; ``access_log`` logs one line per proxied request."""
-
-    level: str = "info"
-    access_log: bool = False
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ShutdownConfig:
-    """Seconds to let in-flight requests finish, then to let each worker exit after SIGTERM."""
-
-    drain_timeout_s: float = 15.0
-    worker_stop_timeout_s: float = 10.0
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class LimitsConfig:
-    """``max_body``: largest request body in bytes; 0 = unlimited."""
-
-    max_body: int = 0
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SpawnConfig:
-    """Worker processes the balancer starts and supervises (``count`` copies of ``command``).
-
-    ``env`` is extra environment as ordered ``(name, value)`` pairs (a tuple so the config stays
-    hashable); ``cwd`` None = the balancer's own directory. ``keepalive_timeout_s`` is the keep-alive the
-    balancer asks its workers to use, so that its own idle timeout can stay below it.
-    """
-
-    command: tuple[str, ...] = ("python", "-m", "backends")
-    count: int = 4
-    env: tuple[tuple[str, str], ...] = ()
-    cwd: str | None = None
-    start_timeout_s: float = 10.0
-    keepalive_timeout_s: float = 75.0
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ServerConfig:
-    """A fixed backend. ``address`` as written (``"[::1]:9001"``); ``host`` without brackets (``"::1"``)."""
-
-    address: str
-    host: str
-    port: int
-    weight: int = 1
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class HealthConfig:
-    """Active health checks: GET ``path`` every ``interval_s``; ``rise`` passes in a row readmit a
-    backend, ``fall`` failures in a row eject it. A pass is a status within ``expect`` (lo, hi) inclusive.
-    """
-
-    path: str = "/health"
-    interval_s: float = 2.0
-    timeout_s: float = 1.0
-    rise: int = 2
-    fall: int = 3
-    expect: tuple[int, int] = (200, 399)
-    enabled: bool = True
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class TimeoutsConfig:
-    """Per upstream request, seconds: TCP connect, wait for the response head, longest gap mid-body."""
-
-    connect_s: float = 3.0
-    response_s: float = 30.0
-    read_s: float = 60.0
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ConnectionsConfig:
-    """The upstream connection pool, per backend. For ``max``, ``max_requests``, ``max_lifetime_s``,
-    0 = unlimited. ``idle_timeout_s`` None = derived by the app (below the spawned workers' keep-alive,
-    else 15s).
-    """
-
-    max: int = 0
-    max_idle: int = 32
-    min_idle: int = 0
-    idle_timeout_s: float | None = None
-    max_requests: int = 1000
-    max_lifetime_s: float = 3600.0
-    acquire_timeout_s: float = 5.0
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PoolConfig:
-    """A named set of backends: spawned workers, fixed ``servers``, or both (never neither).
-
-    ``health`` None = the section was absent; the app then checks spawned workers with the defaults.
-    """
-
-    name: str
-    balance: str = "round_robin"
-    spawn: SpawnConfig | None = None
-    servers: tuple[ServerConfig, ...] = ()
-    health: HealthConfig | None = None
-    timeouts: TimeoutsConfig = TimeoutsConfig()
-    connections: ConnectionsConfig = ConnectionsConfig()
-    retries: int = 2
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RouteConfig:
-    """Requests whose path starts with ``path_prefix`` (and, if set, whose lower-cased Host is ``host``)
-    go to ``pool``.
-    """
-
-    name: str
-    path_prefix: str = "/"
-    host: str | None = None
-    pool: str
-
-
-class PoolMap(Mapping[str, PoolConfig]):
-    """The pools by name, in file order. Immutable, hashable and picklable (a ``MappingProxyType`` is
-    none of the last two), so a ``Config`` can cross into a worker process.
-    """
-
-    __slots__ = ("_by_name", "_pools")
-
-    def __init__(self, pools: Iterable[PoolConfig]) -> None:
-        self._pools = tuple(pools)
-        self._by_name = {pool.name: pool for pool in self._pools}
-
-    def __getitem__(self, name: str) -> PoolConfig:
-        return self._by_name[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._by_name)
-
-    def __len__(self) -> int:
-        return len(self._pools)
-
-    def __eq__(self, other: object) -> bool:
-        # Order matters (it is file order, shown to operators), so not Mapping's order-blind equality.
-        return isinstance(other, PoolMap) and self._pools == other._pools
-
-    def __hash__(self) -> int:
-        return hash(self._pools)
-
-    def __reduce__(self) -> tuple[type[PoolMap], tuple[tuple[PoolConfig, ...]]]:
-        return PoolMap, (self._pools,)
-
-    def __repr__(self) -> str:
-        return f"PoolMap({', '.join(self._by_name)})"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Config:
-    """The whole file. ``admin`` None = no admin listener. ``source`` and ``text_hash`` (sha256 hex of the
-    text) say where the config came from and are left out of ``==``: equal configs may come from
-    different files.
-    """
-
-    source: str = field(default="<string>", compare=False)
-    text_hash: str = field(default="", compare=False)
-    listen: ListenConfig = ListenConfig()
-    admin: AdminConfig | None = None
-    workers: int = 1
-    log: LogConfig = LogConfig()
-    shutdown: ShutdownConfig = ShutdownConfig()
-    limits: LimitsConfig = LimitsConfig()
-    trusted_proxies: tuple[str, ...] = ()
-    pools: PoolMap
-    routes: tuple[RouteConfig, ...]
 
 
 # --- public entry points -------------------------------------------------------------------------------

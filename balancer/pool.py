@@ -77,7 +77,8 @@ class PoolStats:
         self.__init__()  # type: ignore[misc]
 
 
-Connector = Callable[[str, int, float], "asyncio.Future[UpstreamConnection] | Any"]
+# A connection to close and the reason to count it under.
+Closing = tuple[UpstreamConnection, str]
 
 
 async def open_connection(host: str, port: int, timeout: float) -> UpstreamConnection:
@@ -126,9 +127,9 @@ class ConnectionPool:
         return conn.has_expired(now, limits.idle_timeout_s, limits.max_lifetime_s or None,
                                 limits.max_requests or None)
 
-    def _take_idle(self, now: float) -> tuple[UpstreamConnection | None, list[tuple[UpstreamConnection, str]]]:
+    def _take_idle(self, now: float) -> tuple[UpstreamConnection | None, list[Closing]]:
         """Pop the most recently used healthy idle connection; also return the expired ones met."""
-        expired: list[tuple[UpstreamConnection, str]] = []
+        expired: list[Closing] = []
         while self._idle:
             conn = self._idle.pop()
             reason = self._expiry(conn, now)

@@ -20,9 +20,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 from aiohttp import web
-from aiohttp.http_writer import HttpVersion10, HttpVersion11
+from aiohttp.http_writer import HttpVersion10, HttpVersion11, StreamWriter
 
 from .errors import (
     NoBackendAvailable,
@@ -112,8 +113,9 @@ class ProxyResponse(web.StreamResponse):
         self._framing = framing
 
     async def _write_headers(self) -> None:
-        writer = self._payload_writer
-        assert writer is not None
+        # aiohttp keeps the serialized head in the writer until the first body write, then sends both
+        # in one write; we put our bytes there instead of its str-headers serialization.
+        writer = cast(StreamWriter, self._payload_writer)
         writer._headers_buf = b"".join((
             b"HTTP/1.1 %d " % self._status, self._raw_reason, b"\r\n",
             self._raw_fields, self._framing, b"\r\n"))

@@ -174,15 +174,14 @@ class UpstreamConnection(asyncio.Protocol):
             self.state = ConnState.CLOSED
         if not self._closed_waiter.done():
             self._closed_waiter.set_result(None)
-        if self._head is not None and not self._complete and self._head.content_length is None \
-                and not self._head.chunked:
+        head = self._head
+        if head is not None and not self._complete and head.content_length is None \
+                and not head.chunked and self._exc is None:
             # A close-delimited body (no length, not chunked) ends with the connection.
-            try:
-                self._parser.feed_eof()
-            except httptools.HttpParserError:
-                pass
-            if self._complete:
-                return
+            head.keep_alive = False
+            self._complete = True
+            self._wake()
+            return
         self._fail(UpstreamClosed("backend closed the connection",
                                   before_response=not self._got_bytes))
         if self._drain_waiter is not None and not self._drain_waiter.done():
