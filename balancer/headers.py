@@ -13,6 +13,7 @@ The tables are built once at import time; the per-request work is one pass over 
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable, Sequence
 
 RawHeaders = Sequence[tuple[bytes, bytes]]
@@ -23,7 +24,9 @@ HOP_BY_HOP = frozenset({
 })
 # Dropped from requests: hop-by-hop, framing (re-derived), and the forwarding fields we rewrite.
 _REQUEST_DROP = HOP_BY_HOP | {b"content-length", b"x-forwarded-for", b"x-forwarded-proto",
-                              b"x-forwarded-host", b"expect"}
+                              b"x-forwarded-host", b"expect", b"x-request-id"}
+# An incoming X-Request-ID is kept only if it looks like an id (no spaces, no controls, bounded).
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:/+=@-]{1,200}")
 # Dropped from responses: hop-by-hop and framing.
 _RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
 
@@ -62,7 +65,20 @@ class TrustedProxies:
         return hit
 
 
-def request_fields(headers: RawHeaders, client_ip: bytes, trusted: bool, scheme: bytes = b"http") -> bytes:
+def scan_request(headers: RawHeaders, want_host: bool) -> tuple[bytes, bytes]:
+    """(well-formed X-Request-ID or b"", Host if ``want_host`` else b"") in one pass."""
+    request_id = host = b""
+    for name, value in headers:
+        lname = name.lower()
+        if lname == b"x-request-id":
+            request_id = value if _REQUEST_ID.fullmatch(value) else b""
+        elif want_host and lname == b"host":
+            host = value
+    return request_id, host
+
+
+def request_fields(headers: RawHeaders, client_ip: bytes, trusted: bool, request_id: bytes,
+                   scheme: bytes = b"http") -> bytes:
     """The header block (without the request line and final CRLF) to send upstream."""
     drop = _REQUEST_DROP
     out: list[bytes] = []
@@ -96,20 +112,27 @@ def request_fields(headers: RawHeaders, client_ip: bytes, trusted: bool, scheme:
     out.append(b"X-Forwarded-Proto: " + (forwarded_proto or scheme) + b"\r\n")
     if forwarded_host or host:
         out.append(b"X-Forwarded-Host: " + (forwarded_host or host) + b"\r\n")
+    out.append(b"X-Request-ID: " + request_id + b"\r\n")
     return b"".join(out)
 
 
-def response_fields(headers: RawHeaders) -> bytes:
-    """The upstream response's header block minus hop-by-hop and framing fields."""
+def response_fields(headers: RawHeaders, request_id: bytes) -> bytes:
+    """The upstream response's header block minus hop-by-hop and framing fields, with the
+    request's X-Request-ID unless the backend set one."""
     drop = _RESPONSE_DROP
     out: list[bytes] = []
     has_connection = False
+    has_request_id = False
     for name, value in headers:
         lname = name.lower()
         if lname in drop:
             has_connection = has_connection or lname == b"connection"
             continue
+        if lname == b"x-request-id":
+            has_request_id = True
         out.append(name + b": " + value + b"\r\n")
+    if not has_request_id:
+        out.append(b"X-Request-ID: " + request_id + b"\r\n")
     if has_connection:
         listed = connection_tokens(headers)
         if listed:

@@ -177,29 +177,40 @@ class ConnectionPool:
     # --- the async shell -----------------------------------------------------------------------------
 
     async def acquire(self) -> UpstreamConnection:
-        """Lease a connection: reused idle, new, or after waiting. The caller must ``release`` it."""
+        """Lease a connection: reused idle, new, or after waiting. The caller must ``release`` it.
+
+        The leased connection carries ``queue_s`` (time spent waiting for a slot) and ``connect_s``
+        (time to open it; 0 when reused) for the request's timings.
+        """
         self.stats.acquires += 1
         conn, expired = self._take_idle(self._clock())
         self._close_all(expired)
         if conn is not None:
-            return self._lease(conn)
+            return self._lease(conn, 0.0)
         if not self._can_open() or self._waiters:
+            started = self._clock()
             conn = await self._wait_for_slot()
+            waited = self._clock() - started
             if conn is not None:
-                return self._lease(conn)
-            return await self._open(reserved=True)
+                return self._lease(conn, waited)
+            conn = await self._open(reserved=True)
+            conn.queue_s = waited
+            return conn
         return await self._open()
 
-    def _lease(self, conn: UpstreamConnection) -> UpstreamConnection:
+    def _lease(self, conn: UpstreamConnection, waited: float) -> UpstreamConnection:
         conn.mark_active()
         self._in_use.add(conn)
         self.stats.reused += 1
+        conn.queue_s = waited
+        conn.connect_s = 0.0
         return conn
 
     async def _open(self, reserved: bool = False) -> UpstreamConnection:
         """Connect; ``reserved`` means ``_wake_one`` already counted this slot in ``_opening``."""
         if not reserved:
             self._opening += 1
+        started = self._clock()
         try:
             conn: UpstreamConnection = await self._connect(self.host, self.port,
                                                            self.limits.connect_timeout_s)
@@ -211,6 +222,8 @@ class ConnectionPool:
         self.stats.created += 1
         conn.mark_active()
         self._in_use.add(conn)
+        conn.queue_s = 0.0
+        conn.connect_s = self._clock() - started
         return conn
 
     async def _wait_for_slot(self) -> UpstreamConnection | None:

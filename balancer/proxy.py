@@ -18,11 +18,14 @@ in both cases only if the request body can be replayed (no body, or one small en
 from __future__ import annotations
 
 import logging
+import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
 from aiohttp import web
+from aiohttp.http_parser import RawRequestMessage
 from aiohttp.http_writer import HttpVersion10, HttpVersion11, StreamWriter
 
 from .errors import (
@@ -36,8 +39,9 @@ from .errors import (
     UpstreamReadTimeout,
     UpstreamResponseTimeout,
 )
-from .headers import TrustedProxies, request_fields, response_fields
+from .headers import TrustedProxies, request_fields, response_fields, scan_request
 from .pool import ConnectionPool, UpstreamPools
+from .record import RequestRecord
 from .registry import Backend, BackendSet, Registry
 from .routing import Router
 from .selection import Selector
@@ -146,30 +150,47 @@ class Proxy:
     """The data-port handler. One instance per process; all state is in the registry and pools."""
 
     def __init__(self, router: Router, pools: dict[str, PoolRuntime], registry: Registry,
-                 upstream: UpstreamPools, trusted: TrustedProxies,
-                 on_outcome: Callable[[Backend, bool], None] | None = None) -> None:
+                 upstream: UpstreamPools, trusted: TrustedProxies) -> None:
         self.router = router
         self.pools = pools
         self.registry = registry
         self.upstream = upstream
         self.trusted = trusted
-        self.on_outcome = on_outcome   # passive health: (backend, ok) after each attempt
+        # Passive health: told (backend, ok) after every attempt that reached a verdict.
+        self.outcome_listeners: list[Callable[[Backend, bool], None]] = []
+        # Metrics, access log, slow log: told every finished request.
+        self.observers: list[Callable[[RequestRecord], None]] = []
         self.requests = 0
+        self._request_ids = RequestIds()
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         self.requests += 1
         message = request._message
         target: bytes = message.path.encode("utf-8", "surrogateescape")
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        client_ip: str = peer[0] if peer else "-"
+        record = RequestRecord(time.monotonic(), time.time(), message.method, target, client_ip)
+        try:
+            response = await self._handle(request, message, target, record)
+        finally:
+            record.total_s = time.monotonic() - record.start
+            for observer in self.observers:
+                observer(record)
+        return response
+
+    async def _handle(self, request: web.BaseRequest, message: RawRequestMessage, target: bytes,
+                      record: RequestRecord) -> web.StreamResponse:
         raw_headers = message.raw_headers
-        host = b""
-        if self.router.uses_host:
-            for name, value in raw_headers:
-                if name.lower() == b"host":
-                    host = value
-                    break
+        trusted = record.client in self.trusted
+        request_id, host = scan_request(raw_headers, self.router.uses_host)
+        if not request_id:
+            request_id = self._request_ids.next()
+        record.request_id = request_id
         route = self.router.match(host, _path_of(target))
         if route is None:
-            return error_response(404, "no_route")
+            return self._fail(record, 404, "no_route")
+        record.route = route.name
+        record.pool = route.pool
         runtime = self.pools[route.pool]
 
         method = message.method
@@ -181,12 +202,11 @@ class Proxy:
                 request.writer.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # type: ignore[union-attr]
             if 0 <= (request.content_length or -1) <= REPLAY_BODY_LIMIT:
                 body = await request.read()
+                record.bytes_in = len(body)
             else:
                 streamed_body = True
 
-        peer = request.transport.get_extra_info("peername") if request.transport else None
-        client_ip = peer[0] if peer else "unknown"
-        fields = request_fields(raw_headers, client_ip.encode(), client_ip in self.trusted)
+        fields = request_fields(raw_headers, record.client.encode(), trusted, request_id)
         if streamed_body:
             length = request.content_length
             framing = b"Content-Length: %d\r\n" % length if length is not None else \
@@ -200,16 +220,23 @@ class Proxy:
 
         try:
             attempt, backend = await self._exchange(runtime, request, head, body, streamed_body,
-                                                    retry_ok, method == "HEAD")
+                                                    retry_ok, method == "HEAD", record)
         except UpstreamError as exc:
             status, kind = FAILURES.get(type(exc), (502, "error"))
             log.warning("%s %s -> %d (%s): %s", method, message.path, status, kind, exc)
-            return error_response(status, kind)
-        return await self._stream_back(request, runtime, attempt, backend)
+            return self._fail(record, status, kind)
+        return await self._stream_back(request, runtime, attempt, backend, record)
+
+    def _fail(self, record: RequestRecord, status: int, kind: str) -> web.Response:
+        record.status = status
+        record.error = kind
+        response = error_response(status, kind)
+        response.headers["X-Request-ID"] = record.request_id.decode("latin-1")
+        return response
 
     async def _exchange(self, runtime: PoolRuntime, request: web.BaseRequest, head: bytes, body: bytes,
-                        streamed_body: bool, retry_ok: bool,
-                        is_head: bool) -> tuple[_Attempt, Backend]:
+                        streamed_body: bool, retry_ok: bool, is_head: bool,
+                        record: RequestRecord) -> tuple[_Attempt, Backend]:
         """Try backends until one answers with a response head; raise the last failure otherwise."""
         tried: list[Backend] = []
         backends = runtime.backends
@@ -221,17 +248,20 @@ class Proxy:
                     raise last_exc
                 raise NoBackendAvailable(f"no backend available in pool {runtime.name!r}")
             tried.append(backend)
+            record.backend = backend.id
             pool = self.upstream[backend.id]
             backend.in_flight += 1
             try:
                 attempt = await self._attempt_backend(runtime, pool, request, head, body, streamed_body,
-                                                      is_head)
+                                                      is_head, record)
             except (UpstreamConnectError, UpstreamConnectTimeout, UpstreamResponseTimeout,
                     UpstreamClosed) as exc:
                 backend.in_flight -= 1
                 self._outcome(backend, False)
                 last_exc = exc
-                log.debug("attempt on %s failed: %s", backend.id, exc)
+                if len(tried) <= runtime.retries and retry_ok and not streamed_body:
+                    log.debug("%s %r: attempt on %s failed (%s); trying another backend",
+                              record.method, record.target, backend.id, exc)
                 continue
             except BaseException:
                 backend.in_flight -= 1
@@ -241,15 +271,18 @@ class Proxy:
         raise last_exc
 
     async def _attempt_backend(self, runtime: PoolRuntime, pool: ConnectionPool, request: web.BaseRequest,
-                               head: bytes, body: bytes, streamed_body: bool,
-                               is_head: bool) -> _Attempt:
+                               head: bytes, body: bytes, streamed_body: bool, is_head: bool,
+                               record: RequestRecord) -> _Attempt:
         """Send on one backend; replay once on a fresh connection if a reused one was already dead."""
         for replay in (False, True):
+            record.attempts += 1
             conn = await pool.acquire()
+            record.queue_s += conn.queue_s
+            record.connect_s += conn.connect_s
             try:
                 if streamed_body:
                     conn.begin(head, is_head)
-                    await self._send_streamed_body(conn, request)
+                    record.bytes_in = await self._send_streamed_body(conn, request)
                 else:
                     conn.begin(head + body if body else head, is_head)
                 response_head = await conn.read_head(runtime.response_timeout_s)
@@ -258,32 +291,39 @@ class Proxy:
                 if exc.before_response and conn.is_reused and not streamed_body and not replay:
                     pool.stats.replayed += 1
                     log.debug("replaying on a fresh connection to %s: %s", pool.host, exc)
-                    # Every idle connection older than this one is as likely to be dead: drop them.
+                    # Idle connections older than this one are as likely to be dead: drop them.
                     pool.close_idle("stale")
                     continue
                 raise
             except BaseException:
                 pool.release(conn)
                 raise
+            record.ttfb_s = time.monotonic() - record.start
+            record.upstream_status = response_head.status
             return _Attempt(pool, conn, response_head)
         raise AssertionError("unreachable")
 
-    async def _send_streamed_body(self, conn: UpstreamConnection, request: web.BaseRequest) -> None:
+    async def _send_streamed_body(self, conn: UpstreamConnection, request: web.BaseRequest) -> int:
         chunked = request.content_length is None
+        sent = 0
         async for chunk in request.content.iter_any():
+            sent += len(chunk)
             if chunked:
                 await conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
             else:
                 await conn.write(chunk)
         if chunked:
             await conn.write(b"0\r\n\r\n")
+        return sent
 
     async def _stream_back(self, request: web.BaseRequest, runtime: PoolRuntime, attempt: _Attempt,
-                           backend: Backend) -> web.StreamResponse:
+                           backend: Backend, record: RequestRecord) -> web.StreamResponse:
         conn, head, pool = attempt.conn, attempt.head, attempt.pool
         ok = True
-        response = ProxyResponse(head.status, head.reason, response_fields(head.headers),
+        record.status = head.status
+        response = ProxyResponse(head.status, head.reason, response_fields(head.headers, record.request_id),
                                  None if head.chunked else head.content_length)
+        sent = 0
         try:
             if head.content_length is None and not head.chunked and not conn.response_complete \
                     and head.status not in (204, 304) and request.method != "HEAD":
@@ -294,27 +334,45 @@ class Proxy:
                     data = await conn.read_body(runtime.read_timeout_s)
                     if not data:
                         break
+                    sent += len(data)
                     await response.write(data)
             await response.write_eof()
             return response
         except ConnectionError:
             # The client went away; the upstream connection is dirty and gets closed below.
+            record.error = "client_gone"
             return response
         except UpstreamError as exc:
             # The status has gone; all we can do is cut the client connection so it sees a short body.
             ok = False
+            record.error = FAILURES.get(type(exc), (502, "error"))[1]
             log.warning("%s %s: response from %s cut: %s", request.method, request.path, backend.id, exc)
             if request.transport is not None:
                 request.transport.abort()
             return response
         finally:
+            record.bytes_out = sent
             backend.in_flight -= 1
             pool.release(conn)
             self._outcome(backend, ok and head.status < 502)
 
     def _outcome(self, backend: Backend, ok: bool) -> None:
-        if self.on_outcome is not None:
-            self.on_outcome(backend, ok)
+        for listener in self.outcome_listeners:
+            listener(backend, ok)
+
+
+class RequestIds:
+    """Request ids: a per-process random prefix and a counter (unique, cheap, sortable in logs)."""
+
+    __slots__ = ("_count", "_prefix")
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(6).hex().encode()
+        self._count = 0
+
+    def next(self) -> bytes:
+        self._count += 1
+        return b"%s-%08x" % (self._prefix, self._count)
 
 
 def _path_of(target: bytes) -> bytes:
@@ -326,4 +384,3 @@ def _path_of(target: bytes) -> bytes:
         slash = target.find(b"/", scheme_end + 3)
         return target[slash:] if slash != -1 else b"/"
     return target
-

@@ -79,6 +79,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.created_at = clock()
         self.idle_since = self.created_at
         self.requests = 0               # requests started on this connection
+        self.queue_s = 0.0              # of the current lease: waited for a slot
+        self.connect_s = 0.0            # of the current lease: connect time (0 when reused)
         self.close_reason = ""
         # A `Keep-Alive: timeout=N` from the backend: absolute monotonic time after which it may close.
         self.keepalive_deadline: float | None = None
