@@ -35,12 +35,14 @@ import yaml
 from balancer.errors import ConfigError
 from balancer.models import (
     AdminConfig,
+    ClientTimeoutsConfig,
     Config,
     ConnectionsConfig,
     HealthConfig,
     LimitsConfig,
     ListenConfig,
     LogConfig,
+    PassiveConfig,
     PoolConfig,
     PoolMap,
     RouteConfig,
@@ -587,12 +589,29 @@ def _routes(reader: _Reader, node: yaml.Node, path: str) -> tuple[RouteConfig, .
 # `routes`) and the key order of `dump_effective`.
 
 _LISTEN: Schema = {"host": ("host", _STRING), "port": ("port", _integer(0, 65535))}
-_ADMIN: Schema = {**_LISTEN, "token": ("token", _STRING)}  # same checks, AdminConfig's defaults
+_ADMIN: Schema = {**_LISTEN, "token": ("token", _STRING),  # same checks, AdminConfig's defaults
+                  "slowlog_threshold": ("slowlog_threshold_s", _duration()),
+                  "slowlog_size": ("slowlog_size", _integer(1, 100000))}
 _LOG: Schema = {"level": ("level", _choice(*LOG_LEVELS)),
-                "access_log": ("access_log", _scalar(_boolean_value))}
+                "access_log": ("access_log", _scalar(_boolean_value)),
+                "access_log_format": ("access_log_format", _choice("text", "json")),
+                "access_log_path": ("access_log_path", _STRING)}
 _SHUTDOWN: Schema = {"drain_timeout": ("drain_timeout_s", _duration()),
                      "worker_stop_timeout": ("worker_stop_timeout_s", _duration())}
-_LIMITS: Schema = {"max_body": ("max_body", _scalar(_size_value))}
+_LIMITS: Schema = {"max_body": ("max_body", _scalar(_size_value)),
+                   "max_request_line": ("max_request_line", _integer(256, 1 << 20)),
+                   "max_header_size": ("max_header_size", _integer(1024, 1 << 24)),
+                   "max_headers": ("max_headers", _integer(1, 10000)),
+                   "max_connections": ("max_connections", _integer(0))}
+_CLIENT_TIMEOUTS: Schema = {"client_header": ("client_header_s", _duration(positive=True)),
+                            "client_idle": ("client_idle_s", _duration(positive=True))}
+_PASSIVE: Schema = {
+    "enabled": ("enabled", _scalar(_boolean_value)),
+    "consecutive_failures": ("consecutive_failures", _integer(1)),
+    "ejection_time": ("ejection_time_s", _duration(positive=True)),
+    "max_ejection_time": ("max_ejection_time_s", _duration(positive=True)),
+    "max_ejected_percent": ("max_ejected_percent", _integer(0, 100)),
+}
 _SPAWN: Schema = {
     "command": ("command", _command), "count": ("count", _integer(1, 256)), "env": ("env", _env),
     "cwd": ("cwd", _STRING), "start_timeout": ("start_timeout_s", _duration(positive=True)),
@@ -619,6 +638,7 @@ _POOL: Schema = {
     "servers": ("servers", _servers), "health": ("health", _section(HealthConfig, _HEALTH)),
     "timeouts": ("timeouts", _section(TimeoutsConfig, _TIMEOUTS)),
     "connections": ("connections", _connections), "retries": ("retries", _integer(0, 10)),
+    "passive": ("passive", _section(PassiveConfig, _PASSIVE)), "slow_start": ("slow_start_s", _duration()),
 }
 _ROUTE: Schema = {"name": ("name", _STRING), "path_prefix": ("path_prefix", _scalar(_url_path_value)),
                   "host": ("host", _hostname), "pool": ("pool", _route_pool)}
@@ -626,13 +646,16 @@ _CONFIG: Schema = {
     "listen": ("listen", _section(ListenConfig, _LISTEN)), "admin": ("admin", _section(AdminConfig, _ADMIN)),
     "workers": ("workers", _scalar(_workers_value)), "log": ("log", _section(LogConfig, _LOG)),
     "shutdown": ("shutdown", _section(ShutdownConfig, _SHUTDOWN)),
-    "limits": ("limits", _section(LimitsConfig, _LIMITS)), "trusted_proxies": ("trusted_proxies", _cidrs),
+    "limits": ("limits", _section(LimitsConfig, _LIMITS)),
+    "timeouts": ("timeouts", _section(ClientTimeoutsConfig, _CLIENT_TIMEOUTS)),
+    "trusted_proxies": ("trusted_proxies", _cidrs),
     "pools": ("pools", _pools), "routes": ("routes", _routes),
 }
 _SCHEMAS: dict[type, Schema] = {
     Config: _CONFIG, ListenConfig: _LISTEN, AdminConfig: _ADMIN, LogConfig: _LOG, ShutdownConfig: _SHUTDOWN,
     LimitsConfig: _LIMITS, PoolConfig: _POOL, SpawnConfig: _SPAWN, ServerConfig: _SERVER,
     HealthConfig: _HEALTH, TimeoutsConfig: _TIMEOUTS, ConnectionsConfig: _CONNECTIONS, RouteConfig: _ROUTE,
+    ClientTimeoutsConfig: _CLIENT_TIMEOUTS, PassiveConfig: _PASSIVE,
 }
 
 

@@ -29,14 +29,20 @@ class AdminConfig:
     host: str = "127.0.0.1"
     port: int = 8081
     token: str | None = None
+    slowlog_threshold_s: float = 0.5     # requests slower than this enter GET /slowlog
+    slowlog_size: int = 128              # the N slowest recent requests kept
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LogConfig:
-    """``level`` is one of ``LOG_LEVELS``; ``access_log`` logs one line per proxied request."""
+    """``level`` is one of ``LOG_LEVELS``; ``access_log`` logs one line per proxied request, as
+    ``access_log_format`` ("text": combined-log-like, or "json") to ``access_log_path`` (None = stdout).
+    """
 
     level: str = "info"
     access_log: bool = False
+    access_log_format: str = "text"
+    access_log_path: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -49,9 +55,37 @@ class ShutdownConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LimitsConfig:
-    """``max_body``: largest request body in bytes; 0 = unlimited."""
+    """Client-side limits. ``max_body``: largest request body in bytes, 0 = unlimited (413).
+    ``max_request_line`` (414), ``max_header_size`` and ``max_headers`` (431) bound the request head;
+    ``max_connections``: client connections at once, 0 = unlimited."""
 
     max_body: int = 0
+    max_request_line: int = 8192
+    max_header_size: int = 32768
+    max_headers: int = 100
+    max_connections: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClientTimeoutsConfig:
+    """Client side (top-level ``timeouts``): a request head must arrive within ``client_header_s``
+    (else 408); an idle keep-alive connection is closed after ``client_idle_s``."""
+
+    client_header_s: float = 10.0
+    client_idle_s: float = 75.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PassiveConfig:
+    """Passive health: ``consecutive_failures`` connect errors or 502-504 eject a backend for
+    ``ejection_time_s`` x times ejected (capped at ``max_ejection_time_s``); never more than
+    ``max_ejected_percent`` of a pool at once."""
+
+    enabled: bool = True
+    consecutive_failures: int = 5
+    ejection_time_s: float = 30.0
+    max_ejection_time_s: float = 300.0
+    max_ejected_percent: int = 50
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -136,6 +170,8 @@ class PoolConfig:
     timeouts: TimeoutsConfig = TimeoutsConfig()
     connections: ConnectionsConfig = ConnectionsConfig()
     retries: int = 2
+    passive: PassiveConfig = PassiveConfig()
+    slow_start_s: float = 0.0            # readmitted backends ramp from 10% to full weight; 0 = off
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -199,6 +235,7 @@ class Config:
     log: LogConfig = LogConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
     limits: LimitsConfig = LimitsConfig()
+    timeouts: ClientTimeoutsConfig = ClientTimeoutsConfig()
     trusted_proxies: tuple[str, ...] = ()
     pools: PoolMap
     routes: tuple[RouteConfig, ...]

@@ -251,7 +251,7 @@ def test_config_is_hashable_and_picklable() -> None:
     pytest.param("pools: {web: {servers: [a:1, a:1]}}",
                  "x.yaml:1: pools.web.servers[1]: duplicate server 'a:1'", id="duplicate-server"),
     pytest.param("base: &b {rise: 1}\n", "x.yaml:1: base: unknown key (allowed: listen, admin, workers, "
-                 "log, shutdown, limits, trusted_proxies, pools, routes)", id="unknown-top-level"),
+                 "log, shutdown, limits, timeouts, trusted_proxies, pools, routes)", id="unknown-top-level"),
 ])
 def test_error_names_file_line_and_path(text: str, message: str) -> None:
     """Each kind of mistake is one ConfigError reading `FILE:LINE: dotted.path: what is wrong`."""
