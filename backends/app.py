@@ -144,10 +144,10 @@ async def handle_echo(request: web.Request) -> web.Response:
     report: dict[str, Any] = {
         "worker": request.app[IDENTITY].worker_id,
         "method": request.method,
-        # message.path is the request target exactly as the parser saw it. request.path and
+        # raw_path is the request target exactly as the parser saw it. request.path and
         # request.rel_url come from yarl, which decodes %7E and resolves "..": useless for checking
         # that a proxy forwarded the target unchanged.
-        "raw_path": request.message.path,
+        "raw_path": request.raw_path,
         "version": f"{request.version.major}.{request.version.minor}",
         "headers": [[name.decode("latin-1"), value.decode("latin-1")] for name, value in request.raw_headers],
         "body_length": length,

@@ -225,7 +225,7 @@ class Supervisor:
         argv = build_command(spec.command, backend.port, worker.id)
         env = {**os.environ, **dict(spec.env),
                "BALANCER_PORT": str(backend.port), "BALANCER_HOST": backend.host,
-               "BALANCER_WORKER_ID": worker.id,
+               "BALANCER_WORKER_ID": worker.id, "BALANCER_PARENT_PID": str(os.getpid()),
                "BALANCER_KEEPALIVE_TIMEOUT": f"{spec.keepalive_timeout_s:g}"}
         worker.state = WorkerState.STARTING
         worker.next_start_at = None
