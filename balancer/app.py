@@ -24,6 +24,7 @@ from .proxy import PoolRuntime, Proxy
 from .registry import Backend, Registry
 from .routing import Route, Router
 from .selection import make_selector
+from .server import FrontDoor
 from .supervisor import RestartPolicy, Supervisor, WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ class Balancer:
         router = Router([Route(name=r.name, pool=r.pool, path_prefix=r.path_prefix.encode(),
                                host=r.host.encode() if r.host else None) for r in cfg.routes])
         self.proxy = Proxy(router, runtimes, self.registry, self.upstream,
-                           TrustedProxies(cfg.trusted_proxies))
+                           TrustedProxies(cfg.trusted_proxies), cfg.limits)
         self.admin = Admin(self) if cfg.admin is not None else None
         self._web_server: web.Server | None = None
         self._listener: asyncio.Server | None = None
@@ -125,9 +126,12 @@ class Balancer:
         await self.supervisor.start(wait=True)
         await self._wait_ready(max((p.spawn.start_timeout_s for p in cfg.pools.values() if p.spawn),
                                    default=0.0))
-        self._web_server = web.Server(self.proxy.handle, access_log=None, auto_decompress=False,
-                                      keepalive_timeout=75.0, max_line_size=8190, max_field_size=8190,
-                                      max_headers=100)
+        limits = cfg.limits
+        self._web_server = FrontDoor(
+            self.proxy.handle, header_timeout=cfg.timeouts.client_header_s, access_log=None,
+            auto_decompress=False, keepalive_timeout=cfg.timeouts.client_idle_s,
+            max_line_size=limits.max_request_line, max_field_size=limits.max_header_size,
+            max_headers=limits.max_headers)
         loop = asyncio.get_running_loop()
         self._listener = await loop.create_server(self._web_server, cfg.listen.host, cfg.listen.port,
                                                   reuse_address=True, backlog=1024)

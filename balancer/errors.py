@@ -33,6 +33,13 @@ class ConfigError(BalancerError):
         super().__init__(f"{prefix}{where}{message}")
 
 
+# --- the client side --------------------------------------------------------------------------------
+
+
+class BodyTooLarge(BalancerError):
+    """The client's request body passed ``limits.max_body`` (413)."""
+
+
 # --- the upstream side (pool and connections) -------------------------------------------------------
 
 

@@ -65,21 +65,26 @@ class TrustedProxies:
         return hit
 
 
-def scan_request(headers: RawHeaders, want_host: bool) -> tuple[bytes, bytes]:
-    """(well-formed X-Request-ID or b"", Host if ``want_host`` else b"") in one pass."""
-    request_id = host = b""
+def scan_request(headers: RawHeaders, want_host: bool) -> tuple[bytes, bytes, bytes]:
+    """(well-formed X-Request-ID or b"", Host if ``want_host`` else b"", Upgrade or b""), one pass."""
+    request_id = host = upgrade = b""
     for name, value in headers:
         lname = name.lower()
         if lname == b"x-request-id":
             request_id = value if _REQUEST_ID.fullmatch(value) else b""
         elif want_host and lname == b"host":
             host = value
-    return request_id, host
+        elif lname == b"upgrade":
+            upgrade = value
+    return request_id, host, upgrade
 
 
 def request_fields(headers: RawHeaders, client_ip: bytes, trusted: bool, request_id: bytes,
-                   scheme: bytes = b"http") -> bytes:
-    """The header block (without the request line and final CRLF) to send upstream."""
+                   authority: bytes | None = None, scheme: bytes = b"http") -> bytes:
+    """The header block (without the request line and final CRLF) to send upstream.
+
+    ``authority`` (from an absolute-form target) replaces the Host field, as RFC 9112 3.2.2 requires.
+    """
     drop = _REQUEST_DROP
     out: list[bytes] = []
     forwarded_for = b""
@@ -101,8 +106,13 @@ def request_fields(headers: RawHeaders, client_ip: bytes, trusted: bool, request
                     forwarded_host = value
             continue
         if lname == b"host":
+            if authority is not None:
+                continue
             host = value
         out.append(name + b": " + value + b"\r\n")
+    if authority is not None:
+        host = authority
+        out.append(b"Host: " + authority + b"\r\n")
     if has_connection:
         listed = connection_tokens(headers)
         if listed:

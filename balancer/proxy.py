@@ -17,18 +17,18 @@ in both cases only if the request body can be replayed (no body, or one small en
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
 
 from aiohttp import web
 from aiohttp.http_parser import RawRequestMessage
-from aiohttp.http_writer import HttpVersion10, HttpVersion11, StreamWriter
 
 from .errors import (
+    BodyTooLarge,
     NoBackendAvailable,
     PoolTimeout,
     UpstreamClosed,
@@ -40,11 +40,13 @@ from .errors import (
     UpstreamResponseTimeout,
 )
 from .headers import TrustedProxies, request_fields, response_fields, scan_request
+from .models import LimitsConfig
 from .pool import ConnectionPool, UpstreamPools
 from .record import RequestRecord
 from .registry import Backend, BackendSet, Registry
 from .routing import Router
 from .selection import Selector
+from .server import ErrorResponse, ProxyResponse, refusal
 from .upstream import ResponseHead, UpstreamConnection
 
 log = logging.getLogger(__name__)
@@ -60,8 +62,6 @@ FAILURES: dict[type[UpstreamError], tuple[int, str]] = {
     UpstreamProtocolError: (502, "protocol_error"),
     UpstreamClosed: (502, "upstream_closed"),
 }
-REASONS = {502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout",
-           404: b"Not Found"}
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 # Request bodies up to this size are read before sending, so the request can be replayed.
@@ -81,60 +81,6 @@ class PoolRuntime:
     retries: int
 
 
-class ProxyResponse(web.StreamResponse):
-    """A streamed response whose head is the upstream's raw header bytes plus framing we derive."""
-
-    _send_headers_immediately = False   # head goes out with the first body bytes, in one write
-
-    def __init__(self, status: int, reason: bytes, fields: bytes, length: int | None) -> None:
-        super().__init__(status=status)
-        self._raw_reason = reason
-        self._raw_fields = fields
-        self._raw_length = length
-
-    async def _prepare_headers(self) -> None:
-        request = self._req
-        writer = self._payload_writer
-        assert request is not None and writer is not None
-        keep_alive = request.keep_alive if self._keep_alive is None else self._keep_alive
-        framing = b""
-        if self._must_be_empty_body:
-            if self._raw_length is not None and request.method == "HEAD":
-                framing = b"Content-Length: %d\r\n" % self._raw_length
-        elif self._raw_length is not None:
-            writer.length = self._raw_length
-            framing = b"Content-Length: %d\r\n" % self._raw_length
-        elif request.version >= HttpVersion11:
-            writer.enable_chunking()
-            framing = b"Transfer-Encoding: chunked\r\n"
-        else:
-            keep_alive = False          # HTTP/1.0 client, unknown length: the close delimits
-        if not keep_alive and request.version >= HttpVersion11:
-            framing += b"Connection: close\r\n"
-        elif keep_alive and request.version == HttpVersion10:
-            framing += b"Connection: keep-alive\r\n"
-        self._keep_alive = keep_alive
-        self._framing = framing
-
-    async def _write_headers(self) -> None:
-        # aiohttp keeps the serialized head in the writer until the first body write, then sends both
-        # in one write; we put our bytes there instead of its str-headers serialization.
-        writer = cast(StreamWriter, self._payload_writer)
-        writer._headers_buf = b"".join((
-            b"HTTP/1.1 %d " % self._status, self._raw_reason, b"\r\n",
-            self._raw_fields, self._framing, b"\r\n"))
-        writer._headers_written = False
-
-
-def error_response(status: int, kind: str) -> web.Response:
-    reason = REASONS.get(status, b"Error").decode()
-    response = web.Response(status=status, text=f"{status} {reason}\n")
-    response.headers["X-Balancer-Error"] = kind
-    if status == 503:
-        response.headers["Retry-After"] = "1"
-    return response
-
-
 class _Attempt:
     """A backend's response head, on the leased connection that carries its body."""
 
@@ -150,7 +96,9 @@ class Proxy:
     """The data-port handler. One instance per process; all state is in the registry and pools."""
 
     def __init__(self, router: Router, pools: dict[str, PoolRuntime], registry: Registry,
-                 upstream: UpstreamPools, trusted: TrustedProxies) -> None:
+                 upstream: UpstreamPools, trusted: TrustedProxies,
+                 limits: LimitsConfig | None = None) -> None:
+        self.limits = limits or LimitsConfig()
         self.router = router
         self.pools = pools
         self.registry = registry
@@ -180,13 +128,28 @@ class Proxy:
 
     async def _handle(self, request: web.BaseRequest, message: RawRequestMessage, target: bytes,
                       record: RequestRecord) -> web.StreamResponse:
+        refused = refusal(message, self.limits)
+        if refused is not None:
+            status, why = refused
+            log.info("refused %s %r from %s: %d %s", message.method, target[:200], record.client,
+                     status, why)
+            return self._fail(record, status, "refused", close=True)
         raw_headers = message.raw_headers
         trusted = record.client in self.trusted
-        request_id, host = scan_request(raw_headers, self.router.uses_host)
+        request_id, host, upgrade = scan_request(raw_headers, self.router.uses_host)
         if not request_id:
             request_id = self._request_ids.next()
         record.request_id = request_id
-        route = self.router.match(host, _path_of(target))
+        authority = None
+        if target[:1] != b"/" and target != b"*":
+            # Absolute form (RFC 9112 3.2.2): the target's authority replaces Host, and the backend
+            # gets the origin form.
+            split = _split_absolute(target)
+            if split is None or message.method == "CONNECT":
+                return self._fail(record, 400, "refused", close=True)
+            authority, target = split
+            host = authority
+        route = self.router.match(host, target)
         if route is None:
             return self._fail(record, 404, "no_route")
         record.route = route.name
@@ -194,6 +157,9 @@ class Proxy:
         runtime = self.pools[route.pool]
 
         method = message.method
+        max_body = self.limits.max_body
+        if max_body and (request.content_length or 0) > max_body:
+            return self._fail(record, 413, "body_too_large", close=True)
         body = b""
         streamed_body = False
         if request.body_exists:
@@ -206,8 +172,11 @@ class Proxy:
             else:
                 streamed_body = True
 
-        fields = request_fields(raw_headers, record.client.encode(), trusted, request_id)
-        if streamed_body:
+        fields = request_fields(raw_headers, record.client.encode(), trusted, request_id, authority)
+        tunnel = bool(upgrade) and message.upgrade and upgrade.lower() != b"h2c"
+        if tunnel:
+            framing = b"Connection: Upgrade\r\nUpgrade: " + upgrade + b"\r\n"
+        elif streamed_body:
             length = request.content_length
             framing = b"Content-Length: %d\r\n" % length if length is not None else \
                 b"Transfer-Encoding: chunked\r\n"
@@ -216,23 +185,26 @@ class Proxy:
         else:
             framing = b""
         head = b"".join((method.encode(), b" ", target, b" HTTP/1.1\r\n", fields, framing, b"\r\n"))
-        retry_ok = (method in IDEMPOTENT or "Idempotency-Key" in message.headers)
+        retry_ok = not tunnel and (method in IDEMPOTENT or "Idempotency-Key" in message.headers)
 
         try:
             attempt, backend = await self._exchange(runtime, request, head, body, streamed_body,
                                                     retry_ok, method == "HEAD", record)
+        except BodyTooLarge:
+            return self._fail(record, 413, "body_too_large", close=True)
         except UpstreamError as exc:
             status, kind = FAILURES.get(type(exc), (502, "error"))
             log.warning("%s %s -> %d (%s): %s", method, message.path, status, kind, exc)
-            return self._fail(record, status, kind)
-        return await self._stream_back(request, runtime, attempt, backend, record)
+            return self._fail(record, status, kind, close=message.upgrade)
+        if tunnel and attempt.head.status == 101:
+            return await self._tunnel(request, attempt, backend, record)
+        return await self._stream_back(request, runtime, attempt, backend, record,
+                                       close=message.upgrade)
 
-    def _fail(self, record: RequestRecord, status: int, kind: str) -> web.Response:
+    def _fail(self, record: RequestRecord, status: int, kind: str, close: bool = False) -> ErrorResponse:
         record.status = status
         record.error = kind
-        response = error_response(status, kind)
-        response.headers["X-Request-ID"] = record.request_id.decode("latin-1")
-        return response
+        return ErrorResponse(status, kind, record.request_id, close=close)
 
     async def _exchange(self, runtime: PoolRuntime, request: web.BaseRequest, head: bytes, body: bytes,
                         streamed_body: bool, retry_ok: bool, is_head: bool,
@@ -305,9 +277,12 @@ class Proxy:
 
     async def _send_streamed_body(self, conn: UpstreamConnection, request: web.BaseRequest) -> int:
         chunked = request.content_length is None
+        max_body = self.limits.max_body
         sent = 0
         async for chunk in request.content.iter_any():
             sent += len(chunk)
+            if max_body and sent > max_body:
+                raise BodyTooLarge(f"request body over {max_body} bytes")
             if chunked:
                 await conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
             else:
@@ -317,7 +292,8 @@ class Proxy:
         return sent
 
     async def _stream_back(self, request: web.BaseRequest, runtime: PoolRuntime, attempt: _Attempt,
-                           backend: Backend, record: RequestRecord) -> web.StreamResponse:
+                           backend: Backend, record: RequestRecord,
+                           close: bool = False) -> web.StreamResponse:
         conn, head, pool = attempt.conn, attempt.head, attempt.pool
         ok = True
         record.status = head.status
@@ -325,9 +301,13 @@ class Proxy:
                                  None if head.chunked else head.content_length)
         sent = 0
         try:
-            if head.content_length is None and not head.chunked and not conn.response_complete \
-                    and head.status not in (204, 304) and request.method != "HEAD":
-                response.force_close()   # close-delimited upstream body
+            close_delimited = (head.content_length is None and not head.chunked
+                               and not conn.response_complete and head.status not in (204, 304)
+                               and request.method != "HEAD")
+            if close_delimited or close:
+                # A close-delimited upstream body; or aiohttp marked the client connection as
+                # upgraded (an Upgrade we did not tunnel), so it cannot carry another request.
+                response.force_close()
             await response.prepare(request)
             if request.method != "HEAD":
                 while True:
@@ -356,6 +336,37 @@ class Proxy:
             pool.release(conn)
             self._outcome(backend, ok and head.status < 502)
 
+    async def _tunnel(self, request: web.BaseRequest, attempt: _Attempt, backend: Backend,
+                      record: RequestRecord) -> web.StreamResponse:
+        """101 from the backend: pass it back, then relay bytes both ways until either side closes."""
+        conn, head, pool = attempt.conn, attempt.head, attempt.pool
+        record.status = 101
+        upgrade = next((v for n, v in head.headers if n.lower() == b"upgrade"), b"")
+        fields = response_fields(head.headers, record.request_id)
+        response = ProxyResponse(101, head.reason, fields + b"Connection: Upgrade\r\nUpgrade: " + upgrade
+                                 + b"\r\n", None)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        feed = _TunnelFeed(conn, done)
+        try:
+            await response.prepare(request)
+            await response.write_eof()
+            client = request.transport
+            if client is None:
+                return response
+            conn.start_tunnel(client, done)
+            # aiohttp's hook for WebSockets: the "parser" gets every later client byte.
+            request.protocol.set_parser(feed)  # type: ignore[arg-type]
+            await done
+            return response
+        finally:
+            record.bytes_in += feed.bytes
+            record.bytes_out = conn.tunnel_bytes
+            backend.in_flight -= 1
+            conn.abort("upgrade")
+            pool.release(conn)
+            if request.transport is not None:
+                request.transport.close()
+
     def _outcome(self, backend: Backend, ok: bool) -> None:
         for listener in self.outcome_listeners:
             listener(backend, ok)
@@ -375,12 +386,36 @@ class RequestIds:
         return b"%s-%08x" % (self._prefix, self._count)
 
 
-def _path_of(target: bytes) -> bytes:
-    """The path part of an origin-form or absolute-form request target."""
-    if target[:1] == b"/":
-        return target
+def _split_absolute(target: bytes) -> tuple[bytes, bytes] | None:
+    """(authority, origin-form target) of an absolute-form target, or None if it is not one."""
     scheme_end = target.find(b"://")
-    if scheme_end != -1:
-        slash = target.find(b"/", scheme_end + 3)
-        return target[slash:] if slash != -1 else b"/"
-    return target
+    if scheme_end == -1 or target[:scheme_end].lower() not in (b"http", b"https"):
+        return None
+    rest = target[scheme_end + 3:]
+    cut = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i != -1), default=len(rest))
+    authority, path = rest[:cut], rest[cut:]
+    if not authority or b"@" in authority:
+        return None
+    if not path.startswith(b"/"):
+        path = b"/" + path
+    return authority, path
+
+
+class _TunnelFeed:
+    """Takes the place of aiohttp's payload parser once a connection is upgraded: client bytes go
+    straight to the backend."""
+
+    def __init__(self, conn: UpstreamConnection, done: asyncio.Future[None]) -> None:
+        self._conn = conn
+        self._done = done
+        self.bytes = 0
+
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        self.bytes += len(data)
+        if self._conn.transport is not None and not self._conn.is_closed:
+            self._conn.transport.write(data)
+        return False, b""
+
+    def feed_eof(self) -> None:
+        if not self._done.done():
+            self._done.set_result(None)

@@ -91,6 +91,11 @@ class UpstreamConnection(asyncio.Protocol):
         self._reset_exchange()
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
+        # After a 101: where backend bytes go, and the bytes that came with the 101 head.
+        self._tunnel: asyncio.Transport | None = None
+        self._tunnel_done: asyncio.Future[None] | None = None
+        self._upgrade_tail = b""
+        self.tunnel_bytes = 0
 
     def _reset_exchange(self) -> None:
         self._head: ResponseHead | None = None
@@ -170,7 +175,20 @@ class UpstreamConnection(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses, but have the same interface.
         self.transport = transport  # type: ignore[assignment]
 
+    def start_tunnel(self, client: asyncio.Transport, done: asyncio.Future[None]) -> None:
+        """Relay every later byte from the backend to ``client``; ``done`` resolves when we close."""
+        self._tunnel = client
+        self._tunnel_done = done
+        if self._upgrade_tail:
+            self.tunnel_bytes += len(self._upgrade_tail)
+            client.write(self._upgrade_tail)
+            self._upgrade_tail = b""
+        if self.state is ConnState.CLOSED and not done.done():
+            done.set_result(None)
+
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._tunnel_done is not None and not self._tunnel_done.done():
+            self._tunnel_done.set_result(None)
         if self.state is not ConnState.CLOSED:
             self.close_reason = "backend_close" if exc is None else "error"
             self.state = ConnState.CLOSED
@@ -191,6 +209,10 @@ class UpstreamConnection(asyncio.Protocol):
                 UpstreamClosed("backend closed the connection", before_response=not self._got_bytes))
 
     def data_received(self, data: bytes) -> None:
+        if self._tunnel is not None:
+            self.tunnel_bytes += len(data)
+            self._tunnel.write(data)
+            return
         if self.state is not ConnState.ACTIVE:
             # Bytes on an idle connection: the backend is closing it or speaking out of turn.
             # Either way it can never carry a request again.
@@ -209,8 +231,9 @@ class UpstreamConnection(asyncio.Protocol):
                 return
             self._fail(UpstreamProtocolError(f"invalid response from backend: {exc.__context__ or exc}"))
             self.abort("error")
-        except httptools.HttpParserUpgrade:
-            # 101 Switching Protocols: bytes after the head belong to the tunnel (upgrade issue).
+        except httptools.HttpParserUpgrade as exc:
+            # 101 Switching Protocols: bytes after the head belong to the tunnel.
+            self._upgrade_tail = data[exc.args[0]:] if exc.args else b""
             self._wake()
         except httptools.HttpParserError as exc:
             self._fail(UpstreamProtocolError(f"invalid response from backend: {exc}"))
