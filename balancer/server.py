@@ -77,7 +77,7 @@ class ProxyResponse(web.StreamResponse):
             framing = b"Transfer-Encoding: chunked\r\n"
         else:
             keep_alive = False          # HTTP/1.0 client, unknown length: the close delimits
-        if not keep_alive and request.version >= HttpVersion11:
+        if not keep_alive:
             framing += b"Connection: close\r\n"
         elif keep_alive and request.version == HttpVersion10:
             framing += b"Connection: keep-alive\r\n"
