@@ -130,6 +130,9 @@ class Balancer:
         self._web_server = FrontDoor(
             self.proxy.handle, header_timeout=cfg.timeouts.client_header_s, access_log=None,
             auto_decompress=False, keepalive_timeout=cfg.timeouts.client_idle_s,
+            # A client that goes away cancels its handler: the upstream request ends, its connection
+            # is closed and its slot freed.
+            handler_cancellation=True,
             max_line_size=limits.max_request_line, max_field_size=limits.max_header_size,
             max_headers=limits.max_headers)
         loop = asyncio.get_running_loop()

@@ -109,7 +109,9 @@ class Proxy:
         # Metrics, access log, slow log: told every finished request.
         self.observers: list[Callable[[RequestRecord], None]] = []
         self.requests = 0
+        self.retries = 0
         self._request_ids = RequestIds()
+        self._budget = RetryBudget()
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         self.requests += 1
@@ -209,11 +211,20 @@ class Proxy:
     async def _exchange(self, runtime: PoolRuntime, request: web.BaseRequest, head: bytes, body: bytes,
                         streamed_body: bool, retry_ok: bool, is_head: bool,
                         record: RequestRecord) -> tuple[_Attempt, Backend]:
-        """Try backends until one answers with a response head; raise the last failure otherwise."""
+        """Try backends until one answers with a response head; raise the last failure otherwise.
+
+        A retry goes to a backend not tried yet, only while the request is within its deadline
+        (``timeouts.response`` from its start) and the retry budget allows it.
+        """
         tried: list[Backend] = []
         backends = runtime.backends
         last_exc: UpstreamError | None = None
-        for _ in range(runtime.retries + 1 if retry_ok and not streamed_body else 1):
+        self._budget.on_request()
+        tries = runtime.retries + 1 if retry_ok and not streamed_body else 1
+        deadline = record.start + runtime.response_timeout_s
+        for attempt_no in range(tries):
+            if attempt_no and (time.monotonic() >= deadline or not self._budget.take()):
+                break
             backend = runtime.selector.pick(backends.ready, backends.version, tried)
             if backend is None:
                 if last_exc is not None:
@@ -231,7 +242,8 @@ class Proxy:
                 backend.in_flight -= 1
                 self._outcome(backend, False)
                 last_exc = exc
-                if len(tried) <= runtime.retries and retry_ok and not streamed_body:
+                if attempt_no + 1 < tries:
+                    self.retries += 1
                     log.debug("%s %r: attempt on %s failed (%s); trying another backend",
                               record.method, record.target, backend.id, exc)
                 continue
@@ -370,6 +382,32 @@ class Proxy:
     def _outcome(self, backend: Backend, ok: bool) -> None:
         for listener in self.outcome_listeners:
             listener(backend, ok)
+
+
+class RetryBudget:
+    """Retries may add at most ``ratio`` extra load (Envoy's retry budget, Finagle's RetryBudget).
+
+    Every request deposits ``ratio`` of a token, every retry withdraws one; ``floor`` tokens are always
+    there so that a quiet service can still retry. When a whole pool is failing, this is what stops
+    every request turning into three.
+    """
+
+    __slots__ = ("_cap", "_ratio", "tokens")
+
+    def __init__(self, ratio: float = 0.2, floor: float = 10.0, cap: float = 1000.0) -> None:
+        self._ratio = ratio
+        self._cap = cap
+        self.tokens = floor
+
+    def on_request(self) -> None:
+        if self.tokens < self._cap:
+            self.tokens += self._ratio
+
+    def take(self) -> bool:
+        if self.tokens >= 1.0 - 1e-9:   # tolerate float sums of `ratio`
+            self.tokens -= 1.0
+            return True
+        return False
 
 
 class RequestIds:

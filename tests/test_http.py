@@ -385,3 +385,28 @@ async def test_refused_port_gives_502_with_no_retry_target(balancer_factory: Fac
     balancer = await balancer_factory(config(free_port()))
     reply = await exchange(balancer.port, b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 502") and b"connect_error" in reply
+
+
+async def test_client_gone_while_waiting_frees_upstream_connection(balancer_factory: Factory,
+                                                                   raw_backend: Any) -> None:
+    """A client that disconnects while the backend thinks cancels the upstream request at once."""
+    silent = await raw_backend(lambda _: b"")
+    balancer = await balancer_factory(config(silent.port))
+    reader, writer = await asyncio.open_connection("127.0.0.1", balancer.port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    await async_wait_until(lambda: silent.received, timeout=5, message="request at the backend")
+    pool = balancer.upstream.items()[0][1]
+    assert pool.in_use == 1
+    writer.close()
+    await async_wait_until(lambda: pool.in_use == 0, timeout=5, message="upstream connection freed")
+    assert pool.idle == 0
+
+
+def test_retry_budget_caps_extra_load() -> None:
+    """Retries beyond ~20% of requests (after a small floor) are refused."""
+    from balancer.proxy import RetryBudget
+    budget = RetryBudget(ratio=0.2, floor=2)
+    for _ in range(100):
+        budget.on_request()
+    granted = sum(budget.take() for _ in range(100))
+    assert granted == 22
