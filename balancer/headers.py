@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 RawHeaders = Sequence[tuple[bytes, bytes]]
 
@@ -65,38 +65,41 @@ class TrustedProxies:
         return hit
 
 
-def scan_request(headers: RawHeaders, want_host: bool) -> tuple[bytes, bytes, bytes]:
-    """(well-formed X-Request-ID or b"", Host if ``want_host`` else b"", Upgrade or b""), one pass."""
-    request_id = host = upgrade = b""
-    for name, value in headers:
-        lname = name.lower()
-        if lname == b"x-request-id":
-            request_id = value if _REQUEST_ID.fullmatch(value) else b""
-        elif want_host and lname == b"host":
-            host = value
-        elif lname == b"upgrade":
-            upgrade = value
-    return request_id, host, upgrade
+class RequestHead:
+    """What one pass over the client's header fields produced (see :func:`request_fields`)."""
+
+    __slots__ = ("fields", "host", "request_id", "size", "upgrade")
+
+    def __init__(self, fields: bytes, request_id: bytes, host: bytes, upgrade: bytes, size: int) -> None:
+        self.fields = fields            # the header block for the backend, CRLF-terminated lines
+        self.request_id = request_id    # kept from the client if well-formed, else new
+        self.host = host                # Host (or the absolute-form authority), for routing
+        self.upgrade = upgrade          # the client's Upgrade value, b"" if none
+        self.size = size                # bytes in the client's header block, for limits
 
 
-def request_fields(headers: RawHeaders, client_ip: bytes, trusted: bool, request_id: bytes,
-                   authority: bytes | None = None, scheme: bytes = b"http") -> bytes:
-    """The header block (without the request line and final CRLF) to send upstream.
+def request_fields(headers: RawHeaders, client_ip: bytes, trusted: bool, authority: bytes | None,
+                   new_id: Callable[[], bytes], scheme: bytes = b"http") -> RequestHead:
+    """One pass over the client's fields: the header block to send upstream, plus what routing,
+    limits and logging need from them.
 
     ``authority`` (from an absolute-form target) replaces the Host field, as RFC 9112 3.2.2 requires.
     """
     drop = _REQUEST_DROP
     out: list[bytes] = []
-    forwarded_for = b""
-    forwarded_proto = b""
-    forwarded_host = b""
-    host = b""
+    forwarded_for = forwarded_proto = forwarded_host = host = request_id = upgrade = b""
     has_connection = False
+    size = 0
     for name, value in headers:
+        size += len(name) + len(value) + 4
         lname = name.lower()
         if lname in drop:
             if lname == b"connection":
                 has_connection = True
+            elif lname == b"x-request-id":
+                request_id = value if _REQUEST_ID.fullmatch(value) else b""
+            elif lname == b"upgrade":
+                upgrade = value
             elif trusted:
                 if lname == b"x-forwarded-for":
                     forwarded_for = forwarded_for + b", " + value if forwarded_for else value
@@ -122,8 +125,10 @@ def request_fields(headers: RawHeaders, client_ip: bytes, trusted: bool, request
     out.append(b"X-Forwarded-Proto: " + (forwarded_proto or scheme) + b"\r\n")
     if forwarded_host or host:
         out.append(b"X-Forwarded-Host: " + (forwarded_host or host) + b"\r\n")
+    if not request_id:
+        request_id = new_id()
     out.append(b"X-Request-ID: " + request_id + b"\r\n")
-    return b"".join(out)
+    return RequestHead(b"".join(out), request_id, host, upgrade, size)
 
 
 def response_fields(headers: RawHeaders, request_id: bytes) -> bytes:

@@ -14,19 +14,29 @@ first check succeeded. After a failure it needs the full ``rise``.
 Probes run on their own connections (an aiohttp session with ``force_close``), never through the
 data-plane pool, with jitter so backends are not probed in lockstep. While a backend is starting or
 down, it is probed more often (``fast_interval``), so it comes back quickly.
+
+When a passive ejection ends (:mod:`balancer.passive`), :meth:`HealthChecker.require_rise` marks the
+backend unhealthy and not fresh, so it returns only after ``rise`` passing checks.
+
+:class:`SlowStart` ramps a readmitted backend's ``effective_weight`` from 10 % to 100 % of its weight
+over ``slow_start`` seconds, in ten steps (:func:`ramp_level` is the pure part). Each step bumps the pool
+snapshot's version, so pickers rebuild; a pool without slow start has no listener and no task.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
 
-from .registry import Backend, Registry
+from .registry import Backend, BackendSet, Registry
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +134,24 @@ class HealthChecker:
         entry = self._checks.get(backend_id)
         return entry[2] if entry else None
 
+    def is_checked(self, backend: Backend) -> bool:
+        return backend.id in self._checks
+
+    def require_rise(self, backend: Backend, reason: str) -> bool:
+        """Unhealthy until ``rise`` checks in a row pass (a passive ejection ended); probe now.
+
+        False when ``backend`` has no active checks (the caller readmits it some other way).
+        """
+        entry = self._checks.get(backend.id)
+        if entry is None:
+            return False
+        _, _, tracker, wake = entry
+        tracker.healthy = tracker.fresh = False
+        tracker.passes = tracker.fails = 0
+        self.registry.set_healthy(backend, False, reason)
+        wake.set()
+        return True
+
     def on_alive_changed(self, backend: Backend) -> None:
         """Supervisor news: a process exited or a new one accepts; reset and probe at once."""
         entry = self._checks.get(backend.id)
@@ -203,3 +231,103 @@ class HealthChecker:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+# --- slow start ------------------------------------------------------------------------------------
+
+RAMP_STEPS = 10          # 10 %, 20 %, ... 100 %
+
+
+def ramp_level(elapsed_s: float, slow_start_s: float) -> int:
+    """Tenths of full weight ``elapsed_s`` after readmission: 1 at once, 10 from ``slow_start_s`` on."""
+    if elapsed_s >= slow_start_s:
+        return RAMP_STEPS
+    return 1 + min(int(elapsed_s / slow_start_s * (RAMP_STEPS - 1)), RAMP_STEPS - 2)
+
+
+def next_step_in(elapsed_s: float, slow_start_s: float) -> float:
+    """Seconds from ``elapsed_s`` until :func:`ramp_level` next changes."""
+    step = slow_start_s / (RAMP_STEPS - 1)
+    return max((math.floor(elapsed_s / step) + 1) * step - elapsed_s, 0.0)
+
+
+class SlowStart:
+    """Ramps readmitted backends' effective weight; one task for all pools, idle when none ramps.
+
+    A backend that joins a pool with no other ready backend is not ramped (it takes everything anyway,
+    and holding back the only server helps nobody).
+    """
+
+    def __init__(self, registry: Registry, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.registry = registry
+        self._clock = clock
+        self._durations: dict[str, float] = {}          # pool name -> slow_start_s
+        self._ramping: dict[Backend, float] = {}        # backend -> readmitted at (clock)
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def add_pool(self, backend_set: BackendSet, slow_start_s: float) -> None:
+        if slow_start_s <= 0:
+            return
+        self._durations[backend_set.name] = slow_start_s
+        backend_set.subscribe(self.on_readiness)
+
+    @property
+    def is_active(self) -> bool:
+        """Some pool has slow start configured."""
+        return bool(self._durations)
+
+    def on_readiness(self, backend: Backend, is_ready: bool) -> None:
+        if not is_ready:
+            self._ramping.pop(backend, None)
+            self.registry.reweigh(backend, float(backend.weight))
+            return
+        others = [b for b in self.registry.pool(backend.pool).ready if b is not backend]
+        if not others:
+            return
+        log.info("backend %s: slow start, weight 10%% -> 100%% over %gs", backend.id,
+                 self._durations[backend.pool])
+        self._ramping[backend] = self._clock()
+        self.registry.reweigh(backend, backend.weight / RAMP_STEPS)
+        self._wake.set()
+
+    def tick(self) -> float | None:
+        """Apply every ramp's current level; seconds until the next step, None when nothing ramps."""
+        now = self._clock()
+        wait: float | None = None
+        for backend, since in list(self._ramping.items()):
+            duration = self._durations[backend.pool]
+            elapsed = now - since
+            level = ramp_level(elapsed, duration)
+            self.registry.reweigh(backend, backend.weight * level / RAMP_STEPS)
+            if level == RAMP_STEPS:
+                del self._ramping[backend]
+                log.info("backend %s: slow start done, full weight %d", backend.id, backend.weight)
+                continue
+            step = next_step_in(elapsed, duration)
+            wait = step if wait is None else min(wait, step)
+        return wait
+
+    def start(self) -> None:
+        if self.is_active and self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="slow-start")
+
+    async def _run(self) -> None:
+        while True:
+            wait = self.tick()
+            self._wake.clear()
+            if wait is None:
+                await self._wake.wait()
+                continue
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait + 0.001):
+                    await self._wake.wait()
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    def __repr__(self) -> str:
+        return f"<SlowStart pools={sorted(self._durations)} ramping={[b.id for b in self._ramping]}>"

@@ -39,7 +39,7 @@ from .errors import (
     UpstreamReadTimeout,
     UpstreamResponseTimeout,
 )
-from .headers import TrustedProxies, request_fields, response_fields, scan_request
+from .headers import TrustedProxies, request_fields, response_fields
 from .models import LimitsConfig
 from .pool import ConnectionPool, UpstreamPools
 from .record import RequestRecord
@@ -117,8 +117,7 @@ class Proxy:
         self.requests += 1
         message = request._message
         target: bytes = message.path.encode("utf-8", "surrogateescape")
-        peer = request.transport.get_extra_info("peername") if request.transport else None
-        client_ip: str = peer[0] if peer else "-"
+        client_ip = _client_ip(request)
         record = RequestRecord(time.monotonic(), time.time(), message.method, target, client_ip)
         try:
             response = await self._handle(request, message, target, record)
@@ -130,18 +129,6 @@ class Proxy:
 
     async def _handle(self, request: web.BaseRequest, message: RawRequestMessage, target: bytes,
                       record: RequestRecord) -> web.StreamResponse:
-        refused = refusal(message, self.limits)
-        if refused is not None:
-            status, why = refused
-            log.info("refused %s %r from %s: %d %s", message.method, target[:200], record.client,
-                     status, why)
-            return self._fail(record, status, "refused", close=True)
-        raw_headers = message.raw_headers
-        trusted = record.client in self.trusted
-        request_id, host, upgrade = scan_request(raw_headers, self.router.uses_host)
-        if not request_id:
-            request_id = self._request_ids.next()
-        record.request_id = request_id
         authority = None
         if target[:1] != b"/" and target != b"*":
             # Absolute form (RFC 9112 3.2.2): the target's authority replaces Host, and the backend
@@ -150,8 +137,16 @@ class Proxy:
             if split is None or message.method == "CONNECT":
                 return self._fail(record, 400, "refused", close=True)
             authority, target = split
-            host = authority
-        route = self.router.match(host, target)
+        client = record.client
+        head_info = request_fields(message.raw_headers, client.encode(), client in self.trusted,
+                                   authority, self._request_ids.next)
+        record.request_id = head_info.request_id
+        refused = refusal(message, head_info.size, self.limits)
+        if refused is not None:
+            status, why = refused
+            log.info("refused %s %r from %s: %d %s", message.method, target[:200], client, status, why)
+            return self._fail(record, status, "refused", close=True)
+        route = self.router.match(head_info.host, target)
         if route is None:
             return self._fail(record, 404, "no_route")
         record.route = route.name
@@ -174,7 +169,8 @@ class Proxy:
             else:
                 streamed_body = True
 
-        fields = request_fields(raw_headers, record.client.encode(), trusted, request_id, authority)
+        fields = head_info.fields
+        upgrade = head_info.upgrade
         tunnel = bool(upgrade) and message.upgrade and upgrade.lower() != b"h2c"
         if tunnel:
             framing = b"Connection: Upgrade\r\nUpgrade: " + upgrade + b"\r\n"
@@ -320,6 +316,12 @@ class Proxy:
                 # A close-delimited upstream body; or aiohttp marked the client connection as
                 # upgraded (an Upgrade we did not tunnel), so it cannot carry another request.
                 response.force_close()
+            if conn.response_complete and not close_delimited:
+                # The whole response is here already (the common small one): one write.
+                body = b"" if request.method == "HEAD" else conn.take_body()
+                sent = len(body)
+                response.send_whole(request, body)
+                return response
             await response.prepare(request)
             if request.method != "HEAD":
                 while True:
@@ -422,6 +424,21 @@ class RequestIds:
     def next(self) -> bytes:
         self._count += 1
         return b"%s-%08x" % (self._prefix, self._count)
+
+
+def _client_ip(request: web.BaseRequest) -> str:
+    """The peer address, looked up once per client connection (not per request)."""
+    protocol = request.protocol
+    ip: str | None = getattr(protocol, "client_ip", None)
+    if ip is None:
+        transport = request.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        ip = peer[0] if peer else "-"
+        try:
+            protocol.client_ip = ip  # type: ignore[attr-defined]
+        except AttributeError:      # a protocol with __slots__ (not ours): just don't cache
+            pass
+    return ip
 
 
 def _split_absolute(target: bytes) -> tuple[bytes, bytes] | None:

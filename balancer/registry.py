@@ -2,14 +2,16 @@
 
 Theory of operation
 -------------------
-A backend may take a new request when four independent facts agree (pingora's ``ready = healthy and
-enabled``, widened by the two things a supervisor and an operator add):
+A backend may take a new request when five independent facts agree (pingora's ``ready = healthy and
+enabled``, widened by what a supervisor, live traffic and an operator add):
 
-    ready = alive and healthy and admin_state is ENABLED and weight > 0
+    ready = alive and healthy and not ejected and admin_state is ENABLED and weight > 0
 
 * ``alive``   -- owned by the supervisor: the worker process is running and accepts connections
                  (always true for an external ``host:port`` server);
-* ``healthy`` -- owned by health checking: active probes and passive failure counting;
+* ``healthy`` -- owned by active health checks (:mod:`balancer.health`);
+* ``ejected`` -- owned by passive health (:mod:`balancer.passive`): too many failures in live traffic;
+                 a flag of its own so that passing probes cannot readmit the backend early;
 * ``admin``   -- owned by the operator: ENABLED, DRAINING (no new requests, in-flight ones finish) or
                  DISABLED;
 * ``weight``  -- from the configuration (0 = no new traffic).
@@ -17,13 +19,22 @@ enabled``, widened by the two things a supervisor and an operator add):
 Each owner flips its own flag through a method here; nobody else writes them. After every change the
 pool's *ready snapshot* (an immutable tuple) is rebuilt, and listeners are told which backends left or
 joined. The proxy reads ``BackendSet.ready`` once per request and hands it to a selector, so a request
-never sees a list that changes under it. This module does no I/O and has no clock of its own.
+never sees a list that changes under it.
+
+``effective_weight`` is what pickers use: the configured weight, or a fraction of it while a readmitted
+backend ramps up (``slow_start``). Changing it bumps the snapshot's ``version`` (so pickers rebuild) but
+is not a readiness flip.
+
+This module does no I/O. Its one coroutine, :func:`wait_drained`, polls an in-flight counter against a
+deadline (the clock is injectable).
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -49,30 +60,44 @@ class Backend:
     alive: bool = True
     healthy: bool = True
     admin: AdminState = AdminState.ENABLED
+    ejected: bool = False
     in_flight: int = 0
     # Why the backend is not ready, for logs and stats ("process exited", "health: 503", ...).
     reason: str = ""
     address: str = field(init=False)
+    # The weight pickers use: ``weight``, or less while ramping up after readmission (slow start).
+    effective_weight: float = field(init=False)
 
     def __post_init__(self) -> None:
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.address = f"{host}:{self.port}"
+        self.effective_weight = float(self.weight)
 
     @property
     def is_ready(self) -> bool:
-        return self.alive and self.healthy and self.admin is AdminState.ENABLED and self.weight > 0
+        return (self.alive and self.healthy and not self.ejected and self.admin is AdminState.ENABLED
+                and self.weight > 0)
 
     @property
     def state(self) -> str:
-        """One word for operators: up, down, draining or disabled."""
+        """One word for operators: up, down, ejected, draining or disabled (first match wins).
+
+        ``down`` = the process is not running or active checks fail; ``ejected`` = passive health took
+        it out for failing live requests. The admin states win: a disabled backend is "disabled"
+        whatever its health.
+        """
         if self.admin is AdminState.DISABLED:
             return "disabled"
         if self.admin is AdminState.DRAINING:
             return "draining"
-        return "up" if self.alive and self.healthy else "down"
+        if not (self.alive and self.healthy):
+            return "down"
+        return "ejected" if self.ejected else "up"
 
     def __repr__(self) -> str:
-        return (f"<Backend {self.id} {self.address} {self.state} weight={self.weight} "
+        ramp = (f" effective={self.effective_weight:g}" if self.effective_weight != self.weight
+                else "")
+        return (f"<Backend {self.id} {self.address} {self.state} weight={self.weight}{ramp} "
                 f"in_flight={self.in_flight}{' (' + self.reason + ')' if self.reason else ''}>")
 
 
@@ -129,6 +154,14 @@ class BackendSet:
             self._rebuild()
             self._notify(backend, backend.is_ready)
 
+    def reweigh(self, backend: Backend, effective_weight: float) -> None:
+        """Set the weight pickers see; a ready backend's change bumps ``version`` (not a flip)."""
+        if backend.effective_weight == effective_weight:
+            return
+        backend.effective_weight = effective_weight
+        if backend.is_ready:
+            self._rebuild()
+
     def _rebuild(self) -> None:
         self.ready = tuple(b for b in self._backends.values() if b.is_ready)
         self.version += 1
@@ -183,17 +216,65 @@ class Registry:
         """Health checks: consecutive-threshold result flipped."""
         def change(b: Backend) -> None:
             b.healthy = healthy
-            b.reason = reason
+            # Passing checks do not clear the reason of a passive ejection still running.
+            if not (healthy and b.ejected):
+                b.reason = reason
         self.pool(backend.pool).update(backend, change)
+
+    def set_ejected(self, backend: Backend, ejected: bool, reason: str = "") -> None:
+        """Passive health: eject (with the reason) or end an ejection."""
+        def change(b: Backend) -> None:
+            b.ejected = ejected
+            if ejected or b.reason.startswith("passive"):
+                b.reason = reason
+        self.pool(backend.pool).update(backend, change)
+
+    def reweigh(self, backend: Backend, effective_weight: float) -> None:
+        """Slow start: the weight pickers use, between 10 % and 100 % of ``backend.weight``."""
+        self.pool(backend.pool).reweigh(backend, effective_weight)
 
     def set_admin(self, backend: Backend, admin: AdminState) -> None:
         """Operator: enable, drain or disable."""
         def change(b: Backend) -> None:
             b.admin = admin
         if backend.admin is not admin:
-            log.info("backend %s: %s -> %s", backend.id, backend.admin.value, admin.value)
+            log.info("backend %s: %s -> %s (%d in flight)", backend.id, backend.admin.value, admin.value,
+                     backend.in_flight)
         self.pool(backend.pool).update(backend, change)
+
+    def drain(self, backend: Backend) -> None:
+        """No new requests; those in flight finish. Idle pooled connections are closed by the
+        upstream pools' readiness listener. Wait for the rest with :func:`wait_drained`."""
+        self.set_admin(backend, AdminState.DRAINING)
+
+    def disable(self, backend: Backend) -> None:
+        """Out of rotation for good (until enabled); requests in flight are not cut."""
+        self.set_admin(backend, AdminState.DISABLED)
+
+    def enable(self, backend: Backend) -> None:
+        """Back to normal: ready again as soon as it is alive, healthy and not ejected."""
+        self.set_admin(backend, AdminState.ENABLED)
 
     def __repr__(self) -> str:
         inner = ", ".join(repr(s) for s in self.pools.values())
         return f"<Registry {inner}>"
+
+
+async def wait_drained(backend: Backend, timeout_s: float, poll_s: float = 0.05, *,
+                       clock: Callable[[], float] = time.monotonic) -> int:
+    """Wait until ``backend`` has no request in flight, at most ``timeout_s`` seconds.
+
+    Returns the number still in flight when it returned: 0 = drained, N = the deadline passed and N
+    requests would be cut by stopping the backend now (they are not cut here). Polls every ``poll_s``
+    (the proxy counts in-flight requests with a plain integer, so there is nothing to await). Call
+    :meth:`Registry.drain` first, or new requests keep arriving.
+    """
+    deadline = clock() + timeout_s
+    while backend.in_flight > 0:
+        left = deadline - clock()
+        if left <= 0:
+            log.warning("backend %s: drain deadline of %gs passed with %d requests in flight",
+                        backend.id, timeout_s, backend.in_flight)
+            return backend.in_flight
+        await asyncio.sleep(min(poll_s, left))
+    return 0

@@ -2,13 +2,17 @@
 
 Pure and synchronous: a picker sees the immutable ``ready`` tuple of a :class:`BackendSet` and its
 ``version``; it keeps only its own rotation state, rebuilt when the version changes. No clock, no I/O.
+Every picker weighs backends by ``effective_weight`` (the configured weight, or less during slow start).
 
 * ``round_robin`` -- nginx's smooth weighted round-robin: weights interleave (5,1,1 gives
   a a b a c a a, never a a a a a b c). The schedule for one full cycle is computed once per snapshot, so
-  a pick is O(1) whatever the pool size; equal weights reduce to plain rotation.
-* ``least_loaded`` -- fewest requests in flight per unit of weight; ties are broken by rotating the
-  starting point, so an idle pool does not pile every request onto its first backend.
-* ``p2c`` -- power of two random choices on in-flight/weight (HAProxy's ``random(2)``, Envoy's
+  a pick is O(1) whatever the pool size; equal weights reduce to plain rotation. nginx's loop costs
+  O(backends x cycle) to precompute, so big pools with uneven weights get an earliest-deadline-first
+  schedule instead (Envoy's weighted round-robin: also interleaved, O(cycle log n) to build).
+* ``least_loaded`` -- fewest requests in flight per unit of weight, counting the request being placed
+  (``(in_flight + 1) / weight``, so weights matter even in an idle pool); ties are broken by rotating
+  the starting point, so an idle pool does not pile every request onto its first backend. O(n).
+* ``p2c`` -- power of two random choices on the same load (HAProxy's ``random(2)``, Envoy's
   least-request): O(1), nearly as good as a full scan on large pools.
 
 ``exclude`` lets the proxy retry on a *different* backend; it is small (the backends already tried).
@@ -16,6 +20,7 @@ Pure and synchronous: a picker sees the immutable ``ready`` tuple of a :class:`B
 
 from __future__ import annotations
 
+import heapq
 import math
 import random
 from collections.abc import Callable, Collection, Sequence
@@ -24,8 +29,12 @@ from typing import Protocol
 
 from .registry import Backend
 
-# Longest precomputed round-robin cycle; beyond it (huge co-prime weights) we run nginx's O(n) loop.
+# Longest precomputed round-robin cycle; beyond it (huge co-prime weights) each pick pops a heap.
 MAX_SCHEDULE = 16384
+# nginx's exact order is precomputed only while backends x cycle stays under this (~10 ms of Python).
+EXACT_BUDGET = 100_000
+# Effective weights are compared in tenths: slow start ramps in steps of 10 %.
+WEIGHT_SCALE = 10
 
 
 class Selector(Protocol):
@@ -49,31 +58,58 @@ def smooth_weighted_order(weights: Sequence[int], count: int) -> list[int]:
     return order
 
 
+def deadline_order(weights: Sequence[int], count: int) -> list[int]:
+    """Indices in earliest-deadline-first order for ``count`` picks: backend i is due every 1/w_i,
+    starting half a period in (so equal weights interleave rather than burst). O(count log n)."""
+    heap = [(0.5 / w, i) for i, w in enumerate(weights)]
+    heapq.heapify(heap)
+    order: list[int] = []
+    for _ in range(count):
+        due, i = heap[0]
+        heapq.heapreplace(heap, (due + 1.0 / weights[i], i))
+        order.append(i)
+    return order
+
+
+def scaled_weights(ready: Sequence[Backend]) -> list[int]:
+    """Integer weights in tenths of a unit, divided by their gcd (so 3,1,2 stays 3,1,2)."""
+    weights = [max(round(b.effective_weight * WEIGHT_SCALE), 1) for b in ready]
+    divisor = reduce(math.gcd, weights)
+    return [w // divisor for w in weights]
+
+
 class RoundRobin:
     """Smooth weighted round-robin over the ready snapshot."""
 
-    __slots__ = ("_current", "_cursor", "_schedule", "_version")
+    __slots__ = ("_cursor", "_heap", "_schedule", "_version", "_weights")
 
     def __init__(self) -> None:
         self._version = -1
         self._schedule: list[Backend] = []
         self._cursor = 0
-        self._current: list[int] = []   # only for the O(n) fallback
+        # Only when the cycle is too long to precompute: a live earliest-deadline-first heap.
+        self._heap: list[tuple[float, int]] = []
+        self._weights: list[int] = []
 
     def _rebuild(self, ready: Sequence[Backend], version: int) -> None:
         self._version = version
-        weights = [b.weight for b in ready]
-        if not weights:
+        self._heap = []
+        if not ready:
             self._schedule = []
             return
-        divisor = reduce(math.gcd, weights)
-        cycle = sum(weights) // divisor
-        if cycle <= MAX_SCHEDULE:
-            order = smooth_weighted_order([w // divisor for w in weights], cycle)
-            self._schedule = [ready[i] for i in order]
+        weights = scaled_weights(ready)
+        cycle = sum(weights)
+        if cycle == len(weights):                       # equal weights: plain rotation
+            self._schedule = list(ready)
+        elif cycle * len(weights) <= EXACT_BUDGET:
+            self._schedule = [ready[i] for i in smooth_weighted_order(weights, cycle)]
+        elif cycle <= MAX_SCHEDULE:
+            self._schedule = [ready[i] for i in deadline_order(weights, cycle)]
         else:
             self._schedule = []
-            self._current = [0] * len(weights)
+            self._weights = weights
+            self._heap = [(0.5 / w, i) for i, w in enumerate(weights)]
+            heapq.heapify(self._heap)
         # Keep the cursor where it was (modulo the new length) so a snapshot change does not
         # send the next request back to the first backend every time.
         self._cursor %= max(len(self._schedule), 1)
@@ -84,16 +120,9 @@ class RoundRobin:
             cursor = self._cursor
             self._cursor = (cursor + 1) % len(schedule)
             return schedule[cursor]
-        current = self._current
-        total = 0
-        best = 0
-        for i, backend in enumerate(ready):
-            current[i] += backend.weight
-            total += backend.weight
-            if current[i] > current[best]:
-                best = i
-        current[best] -= total
-        return ready[best]
+        due, i = self._heap[0]
+        heapq.heapreplace(self._heap, (due + 1.0 / self._weights[i], i))
+        return ready[i]
 
     def pick(self, ready: Sequence[Backend], version: int,
              exclude: Collection[Backend] = ()) -> Backend | None:
@@ -101,7 +130,10 @@ class RoundRobin:
             return None
         if version != self._version:
             self._rebuild(ready, version)
-        for _ in range(len(self._schedule) or len(ready)):
+        if not exclude:
+            return self._next(ready)
+        # Bounded: a full cycle visits every backend at least once.
+        for _ in range(len(self._schedule) or sum(self._weights)):
             backend = self._next(ready)
             if backend not in exclude:
                 return backend
@@ -109,7 +141,8 @@ class RoundRobin:
 
 
 def _load(backend: Backend) -> float:
-    return backend.in_flight / backend.weight
+    """In flight per unit of weight, counting the request being placed."""
+    return (backend.in_flight + 1) / backend.effective_weight
 
 
 class LeastLoaded:
@@ -128,11 +161,12 @@ class LeastLoaded:
         start = self._start = (self._start + 1) % n
         best: Backend | None = None
         best_load = math.inf
-        for i in range(n):
-            backend = ready[(start + i) % n]
-            load = backend.in_flight / backend.weight
-            if load < best_load and backend not in exclude:
-                best, best_load = backend, load
+        # Two slices instead of (start + i) % n per step: the scan is the whole cost of a pick.
+        for part in (ready[start:], ready[:start]):
+            for backend in part:
+                load = (backend.in_flight + 1) / backend.effective_weight
+                if load < best_load and backend not in exclude:
+                    best, best_load = backend, load
         return best
 
 

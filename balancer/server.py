@@ -22,6 +22,7 @@ from http import HTTPStatus
 from typing import Any, cast
 
 from aiohttp import web
+from aiohttp.helpers import must_be_empty_body
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.http_writer import HttpVersion10, HttpVersion11, StreamWriter
@@ -46,7 +47,12 @@ def plain_error(status: int, detail: str) -> bytes:
 
 
 class ProxyResponse(web.StreamResponse):
-    """A streamed response whose head is the upstream's raw header bytes plus framing we derive."""
+    """A streamed response whose head is the upstream's raw header bytes plus framing we derive.
+
+    Two ways out: aiohttp's usual ``prepare``/``write``/``write_eof`` (bodies streamed in pieces), or
+    :meth:`send_whole` when the complete body is already here (the common small response): head and
+    body in one ``transport.write``, skipping aiohttp's writer layers.
+    """
 
     _send_headers_immediately = False   # head goes out with the first body bytes, in one write
 
@@ -55,44 +61,60 @@ class ProxyResponse(web.StreamResponse):
         self._raw_reason = reason
         self._raw_fields = fields
         self._raw_length = length
+        self._framing = b""
 
-    async def _prepare_headers(self) -> None:
-        request = self._req
-        writer = self._payload_writer
-        assert request is not None and writer is not None
+    def _frame(self, request: web.BaseRequest, writer: StreamWriter | None) -> bytes:
+        """Decide framing and keep-alive; return the complete response head."""
         keep_alive = request.keep_alive if self._keep_alive is None else self._keep_alive
         framing = b""
         if self._status == 101:
-            self._keep_alive = False     # the connection leaves HTTP; our caller relays bytes
-            self._framing = b""
-            return
-        if self._must_be_empty_body:
+            keep_alive = False           # the connection leaves HTTP; our caller relays bytes
+        elif self._must_be_empty_body:
             if self._raw_length is not None and request.method == "HEAD":
                 framing = b"Content-Length: %d\r\n" % self._raw_length
         elif self._raw_length is not None:
-            writer.length = self._raw_length
+            if writer is not None:
+                writer.length = self._raw_length
             framing = b"Content-Length: %d\r\n" % self._raw_length
         elif request.version >= HttpVersion11:
-            writer.enable_chunking()
+            if writer is not None:
+                writer.enable_chunking()
             framing = b"Transfer-Encoding: chunked\r\n"
         else:
-            keep_alive = False          # HTTP/1.0 client, unknown length: the close delimits
-        if not keep_alive:
-            framing += b"Connection: close\r\n"
-        elif keep_alive and request.version == HttpVersion10:
-            framing += b"Connection: keep-alive\r\n"
+            keep_alive = False           # HTTP/1.0 client, unknown length: the close delimits
+        if self._status != 101:
+            if not keep_alive:
+                framing += b"Connection: close\r\n"
+            elif request.version == HttpVersion10:
+                framing += b"Connection: keep-alive\r\n"
         self._keep_alive = keep_alive
-        self._framing = framing
+        return b"".join((b"HTTP/1.1 %d " % self._status, self._raw_reason, b"\r\n",
+                         self._raw_fields, framing, b"\r\n"))
+
+    async def _prepare_headers(self) -> None:
+        assert self._req is not None
+        self._head = self._frame(self._req, cast(StreamWriter, self._payload_writer))
 
     async def _write_headers(self) -> None:
         # aiohttp keeps the serialized head in the writer until the first body write, then sends both
         # in one write; we put our bytes there instead of its str-headers serialization.
         writer = cast(StreamWriter, self._payload_writer)
-        writer._headers_buf = b"".join((
-            b"HTTP/1.1 %d " % self._status, self._raw_reason, b"\r\n",
-            self._raw_fields, self._framing, b"\r\n"))
+        writer._headers_buf = self._head
         writer._headers_written = False
 
+    def send_whole(self, request: web.BaseRequest, body: bytes) -> None:
+        """Send head and complete ``body`` in one write and mark the response finished, so that
+        aiohttp's own ``prepare``/``write_eof`` after the handler do nothing."""
+        self._req = request
+        self._payload_writer = writer = request._payload_writer
+        self._must_be_empty_body = must_be_empty_body(request.method, self._status)
+        head = self._frame(request, None)
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("client connection closed")
+        transport.write(head + body if body and not self._must_be_empty_body else head)
+        writer.output_size += len(body)
+        self._eof_sent = True
 
 class ErrorResponse(ProxyResponse):
     """balancer's own short error answer (503, 502, 400, ...): text body, ``X-Balancer-Error: kind``,
@@ -115,15 +137,12 @@ class ErrorResponse(ProxyResponse):
 
 
 
-def refusal(message: RawRequestMessage, limits: LimitsConfig) -> tuple[int, str] | None:
+def refusal(message: RawRequestMessage, header_size: int, limits: LimitsConfig) -> tuple[int, str] | None:
     """(status, reason) if the parsed request must be refused before it reaches a backend."""
     version = message.version
     if version[0] != 1 or version[1] not in (0, 1):
         return (505, f"HTTP/{version[0]}.{version[1]}") if version[0] >= 2 else (400, "HTTP/0.9")
-    size = 0
-    for name, value in message.raw_headers:
-        size += len(name) + len(value) + 4
-    if size > limits.max_header_size:
+    if header_size > limits.max_header_size:
         return 431, f"header block over {limits.max_header_size} bytes"
     if message.chunked:
         # llhttp accepts codings before a final `chunked` ("gzip, chunked"). We re-frame bodies, so a
@@ -135,39 +154,38 @@ def refusal(message: RawRequestMessage, limits: LimitsConfig) -> tuple[int, str]
 
 
 class FrontDoorHandler(RequestHandler):
-    """aiohttp's per-connection protocol plus a request-head timeout and proxy-style error statuses."""
+    """aiohttp's per-connection protocol plus a request-head timeout and proxy-style error statuses.
 
-    def __init__(self, manager: web.Server, *, header_timeout: float, max_line_size: int,
-                 **kwargs: Any) -> None:
+    The head timeout costs one float per request: ``head_started`` is set when the first bytes of a
+    head arrive and cleared when the head is complete; :class:`FrontDoor` sweeps its connections
+    twice a second for heads that are late (no timer per request).
+    """
+
+    def __init__(self, manager: web.Server, *, max_line_size: int, **kwargs: Any) -> None:
         super().__init__(manager, max_line_size=max_line_size, **kwargs)
-        self._header_timeout = header_timeout
         self._max_line = max_line_size
-        self._header_timer: asyncio.TimerHandle | None = None
+        self.head_started: float | None = None
+        self.client_ip: str | None = None      # cached by the proxy on the first request
 
     def data_received(self, data: bytes) -> None:
-        if self._header_timer is None and not self._request_in_progress and not self._messages:
-            # The first bytes of a request head: it must be complete within the timeout.
-            self._header_timer = self._loop.call_later(self._header_timeout, self._on_header_timeout)
+        if self.head_started is None and not self._request_in_progress and not self._messages:
+            self.head_started = self._loop.time()
         super().data_received(data)
-        if self._header_timer is not None and (self._messages or self._request_in_progress
-                                               or self._upgraded):
-            self._header_timer.cancel()
-            self._header_timer = None
+        if self._messages or self._request_in_progress or self._upgraded:
+            self.head_started = None
 
-    def _on_header_timeout(self) -> None:
-        self._header_timer = None
-        if self._messages or self._request_in_progress or self.transport is None:
+    def is_head_late(self, now: float, timeout: float) -> bool:
+        return (self.head_started is not None and now - self.head_started > timeout
+                and not self._messages and not self._request_in_progress)
+
+    def refuse_late_head(self, timeout: float) -> None:
+        self.head_started = None
+        if self.transport is None:
             return
-        log.info("request head not received within %gs: 408", self._header_timeout)
+        log.info("request head not received within %gs: 408", timeout)
         self.transport.write(plain_error(408, "request head not received in time"))
         self.force_close()
         self.transport.close()
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
-        super().connection_lost(exc)
 
     def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
@@ -186,12 +204,30 @@ class FrontDoorHandler(RequestHandler):
 
 
 class FrontDoor(web.Server):
-    """``web.Server`` that builds :class:`FrontDoorHandler` protocols."""
+    """``web.Server`` that builds :class:`FrontDoorHandler` protocols and enforces the head timeout."""
+
+    SWEEP_INTERVAL_S = 0.5
 
     def __init__(self, handler: Any, *, header_timeout: float, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self._header_timeout = header_timeout
+        self._sweeper: asyncio.TimerHandle | None = None
 
     def __call__(self) -> RequestHandler:
-        return FrontDoorHandler(self, loop=self._loop, header_timeout=self._header_timeout,
-                                **self._kwargs)
+        if self._sweeper is None:
+            self._sweeper = self._loop.call_later(self.SWEEP_INTERVAL_S, self._sweep)
+        return FrontDoorHandler(self, loop=self._loop, **self._kwargs)
+
+    def _sweep(self) -> None:
+        now = self._loop.time()
+        timeout = self._header_timeout
+        for handler in list(self._connections):
+            if isinstance(handler, FrontDoorHandler) and handler.is_head_late(now, timeout):
+                handler.refuse_late_head(timeout)
+        self._sweeper = self._loop.call_later(self.SWEEP_INTERVAL_S, self._sweep)
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        await super().shutdown(timeout)

@@ -359,6 +359,14 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.resume_reading()
         return data
 
+    def take_body(self) -> bytes:
+        """All buffered body bytes at once (only after the response is complete)."""
+        body = self._body
+        data = body.popleft() if len(body) == 1 else b"".join(body)
+        body.clear()
+        self._body_size = 0
+        return data
+
     @property
     def response_complete(self) -> bool:
         return self._complete
