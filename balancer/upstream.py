@@ -33,6 +33,8 @@ import httptools
 from .errors import UpstreamClosed, UpstreamProtocolError, UpstreamReadTimeout, UpstreamResponseTimeout
 
 HIGH_WATER = 256 * 1024
+# Content-Length bodies from this size on bypass the parser (saves a copy of every piece).
+PASSTHROUGH_MIN = 64 * 1024
 LOW_WATER = 64 * 1024
 
 
@@ -99,6 +101,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _reset_exchange(self) -> None:
         self._head: ResponseHead | None = None
+        self._head_tail = b""            # last bytes fed before the head was complete
+        self._passthrough = 0            # body bytes still to come outside the parser
+        self._interim = False            # an interim (1xx) response came first
         self._pending_head = ResponseHead()
         self._header_name = b""
         self._body: deque[bytes] = deque()
@@ -213,6 +218,9 @@ class UpstreamConnection(asyncio.Protocol):
             self.tunnel_bytes += len(data)
             self._tunnel.write(data)
             return
+        if self._passthrough:
+            self._take_passthrough(data)
+            return
         if self.state is not ConnState.ACTIVE:
             # Bytes on an idle connection: the backend is closing it or speaking out of turn.
             # Either way it can never carry a request again.
@@ -222,12 +230,8 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
-            if self._expect_no_body and self._head is not None:
-                # We stopped the parser ourselves after a HEAD response's head; see on_headers_complete.
-                # It cannot parse another message now, so the connection is not reused.
-                self._complete = True
-                self._head.keep_alive = False
-                self._wake()
+            if isinstance(exc.__context__, _StopAfterHead) and self._head is not None:
+                self._after_stopped_head(data)
                 return
             self._fail(UpstreamProtocolError(f"invalid response from backend: {exc.__context__ or exc}"))
             self.abort("error")
@@ -238,6 +242,44 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(UpstreamProtocolError(f"invalid response from backend: {exc}"))
             self.abort("error")
+        else:
+            if self._head is None:
+                self._head_tail = (self._head_tail + data)[-3:]
+
+    def _after_stopped_head(self, data: bytes) -> None:
+        """We stopped llhttp at the end of a head (HEAD response, or a large body we pass through
+        ourselves). Find where the head ended in ``data``; what follows is body (or a violation)."""
+        tail = self._head_tail
+        edge = (tail + data[:3]).find(b"\r\n\r\n")
+        end = edge + 4 - len(tail) if edge != -1 else data.find(b"\r\n\r\n") + 4
+        rest = data[end:] if 0 < end < len(data) else b""
+        # llhttp cannot go on after a callback error: the next response gets a fresh parser.
+        self._parser = httptools.HttpResponseParser(self)
+        if self._passthrough:
+            if rest:
+                self._take_passthrough(rest)
+            return
+        assert self._head is not None
+        if rest or self._interim:
+            # Bytes after a HEAD response's head (the backend is confused), or a head whose end we
+            # cannot place for sure: finish this response but never reuse the connection.
+            self._head.keep_alive = False
+        self._complete = True
+        self._wake()
+
+    def _take_passthrough(self, data: bytes) -> None:
+        """Body bytes of a large Content-Length response, queued as received (no copies)."""
+        left = self._passthrough
+        if len(data) >= left:
+            if len(data) > left:                 # more than announced: never reuse this connection
+                assert self._head is not None
+                self._head.keep_alive = False
+                data = data[:left]
+            self._passthrough = 0
+            self._complete = True
+        else:
+            self._passthrough = left - len(data)
+        self.on_body(data)
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -263,6 +305,7 @@ class UpstreamConnection(asyncio.Protocol):
         if 100 <= status < 200 and status != 101:
             # Interim response (100 Continue, 103 Early Hints): not the final answer; absorb it.
             self._pending_head = ResponseHead()
+            self._interim = True
             return
         head.status = status
         head.version = parser.get_http_version()
@@ -273,6 +316,12 @@ class UpstreamConnection(asyncio.Protocol):
         self._wake()
         if self._expect_no_body and status not in (204, 304):
             # llhttp would wait for a HEAD response's Content-Length bytes; stop it here.
+            raise _StopAfterHead
+        if self._interim:
+            return           # the head's end is harder to find after an interim response: llhttp goes on
+        if head.content_length is not None and head.content_length >= PASSTHROUGH_MIN:
+            # A large body: take its bytes ourselves, without llhttp's copy of every piece.
+            self._passthrough = head.content_length
             raise _StopAfterHead
 
     def _inspect_framing(self, head: ResponseHead) -> None:
