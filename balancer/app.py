@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from .accesslog import AccessLog
 from .admin import Admin
 from .config import Config, PoolConfig
 from .headers import TrustedProxies
-from .health import HealthChecker, HealthPolicy
+from .health import HealthChecker, HealthPolicy, SlowStart
+from .passive import PassiveHealth
 from .pool import PoolLimits, UpstreamPools
 from .proxy import PoolRuntime, Proxy
 from .registry import Backend, Registry
@@ -33,6 +35,9 @@ log = logging.getLogger(__name__)
 # would close them, so the backend never closes one under us (the keep-alive race).
 KEEPALIVE_MARGIN_S = 2.0
 EXTERNAL_IDLE_TIMEOUT_S = 15.0
+# On shutdown, how long idle keep-alive clients may still send one more request (answered with
+# `Connection: close`) before their connections are closed.
+KEEPALIVE_GRACE_S = 1.0
 
 
 def pool_limits(pool: PoolConfig) -> PoolLimits:
@@ -74,6 +79,9 @@ class Balancer:
         self.registry = Registry()
         self.upstream = UpstreamPools()
         self.health = HealthChecker(self.registry)
+        # Passive health (live-traffic ejection) and slow start: see balancer/passive.py, health.py.
+        self.passive = PassiveHealth(self.registry, self.health)
+        self.slow_start = SlowStart(self.registry)
         specs = [WorkerSpec(pool=p.name, command=p.spawn.command, count=p.spawn.count, env=p.spawn.env,
                             cwd=p.spawn.cwd, start_timeout_s=p.spawn.start_timeout_s,
                             keepalive_timeout_s=p.spawn.keepalive_timeout_s)
@@ -96,17 +104,27 @@ class Balancer:
                 if policy is not None:
                     self.health.add(backend, policy, start_healthy=not backend.spawned)
             backend_set.subscribe(lambda b, ready: self.upstream.on_readiness(b.id, ready))
+            self.passive.add_pool(p.name, p.passive)
+            self.slow_start.add_pool(backend_set, p.slow_start_s)
             runtimes[p.name] = PoolRuntime(
                 name=p.name, backends=backend_set, selector=make_selector(p.balance),
                 connect_timeout_s=p.timeouts.connect_s, response_timeout_s=p.timeouts.response_s,
                 read_timeout_s=p.timeouts.read_s, retries=p.retries)
         self.registry.alive_listeners.append(self.health.on_alive_changed)
+        self.registry.alive_listeners.append(self.passive.on_alive_changed)
         router = Router([Route(name=r.name, pool=r.pool, path_prefix=r.path_prefix.encode(),
                                host=r.host.encode() if r.host else None) for r in cfg.routes])
         self.proxy = Proxy(router, runtimes, self.registry, self.upstream,
                            TrustedProxies(cfg.trusted_proxies), cfg.limits)
+        self.proxy.outcome_listeners.append(self.passive.on_outcome)
         self.admin = Admin(self) if cfg.admin is not None else None
-        self._web_server: web.Server | None = None
+        # Off by default, and then not an observer at all: zero cost per request.
+        self.access_log = (AccessLog(cfg.log.access_log_format, cfg.log.access_log_path)
+                           if cfg.log.access_log else None)
+        if self.access_log is not None:
+            self.proxy.observers.append(self.access_log.observe)
+        self._web_server: FrontDoor | None = None
+        self._shut_down = False
         self._listener: asyncio.Server | None = None
         self.stop_event = asyncio.Event()
 
@@ -126,6 +144,10 @@ class Balancer:
         await self.supervisor.start(wait=True)
         await self._wait_ready(max((p.spawn.start_timeout_s for p in cfg.pools.values() if p.spawn),
                                    default=0.0))
+        # After the start-up wait: workers that came up together are not slow-started.
+        self.slow_start.start()
+        if self.access_log is not None:
+            self.access_log.start()
         limits = cfg.limits
         self._web_server = FrontDoor(
             self.proxy.handle, header_timeout=cfg.timeouts.client_header_s, access_log=None,
@@ -157,26 +179,45 @@ class Balancer:
                 log.warning("pool %s has no ready backend yet; its requests get 503 until one is", name)
 
     async def shutdown(self) -> None:
-        """The shutdown sequence; every wait has a deadline."""
+        """The shutdown sequence; every wait has a deadline. Idempotent."""
+        if self._shut_down:
+            return
+        self._shut_down = True
         cfg = self.config
         # 1. Stop accepting new client connections.
         if self._listener is not None:
             self._listener.close()
-        # 2. Let in-flight requests finish (idle keep-alive connections are closed at once).
+        # 2. Drain: in-flight requests finish; each keep-alive client's next response carries
+        #    `Connection: close` (we give idle clients a moment to send it), then idle connections
+        #    are closed and whatever is still running after the deadline is cancelled.
         if self._web_server is not None:
-            pending = len(self._web_server.connections)
-            await self._web_server.shutdown(cfg.shutdown.drain_timeout_s)
-            if self._web_server.connections:
-                log.warning("drain deadline passed with %d client connections open (of %d)",
-                            len(self._web_server.connections), pending)
+            self.proxy.draining = True
+            await self._drain(self._web_server, cfg.shutdown.drain_timeout_s)
         # 3. The admin listener, health probes and upstream connections.
         if self.admin is not None:
             await self.admin.aclose()
+        if self.access_log is not None:
+            await self.access_log.aclose()
         await self.health.aclose()
+        await self.passive.aclose()
+        await self.slow_start.aclose()
         await self.upstream.aclose()
         # 4. The workers: SIGTERM, then SIGKILL after the deadline.
         await self.supervisor.aclose(cfg.shutdown.worker_stop_timeout_s)
         log.info("balancer stopped")
+
+    async def _drain(self, server: FrontDoor, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        grace_end = loop.time() + min(KEEPALIVE_GRACE_S, timeout)
+        while loop.time() < deadline:
+            if not server.connections or (not server.busy_connections and loop.time() >= grace_end):
+                break
+            await asyncio.sleep(0.02)
+        busy = server.busy_connections
+        await server.shutdown(max(deadline - loop.time(), 0.0))
+        if busy:
+            log.warning("drain deadline (%gs) passed with %d requests in flight: cut", timeout, busy)
 
     async def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT, shut down. A second signal kills workers and exits."""

@@ -110,6 +110,8 @@ class Proxy:
         self.observers: list[Callable[[RequestRecord], None]] = []
         self.requests = 0
         self.retries = 0
+        # Set by shutdown: every response from now on carries `Connection: close`.
+        self.draining = False
         self._request_ids = RequestIds()
         self._budget = RetryBudget()
 
@@ -202,7 +204,7 @@ class Proxy:
     def _fail(self, record: RequestRecord, status: int, kind: str, close: bool = False) -> ErrorResponse:
         record.status = status
         record.error = kind
-        return ErrorResponse(status, kind, record.request_id, close=close)
+        return ErrorResponse(status, kind, record.request_id, close=close or self.draining)
 
     async def _exchange(self, runtime: PoolRuntime, request: web.BaseRequest, head: bytes, body: bytes,
                         streamed_body: bool, retry_ok: bool, is_head: bool,
@@ -307,6 +309,8 @@ class Proxy:
         record.status = head.status
         response = ProxyResponse(head.status, head.reason, response_fields(head.headers, record.request_id),
                                  None if head.chunked else head.content_length)
+        if self.draining:
+            response.force_close()       # shutting down: this is the connection's last response
         sent = 0
         try:
             close_delimited = (head.content_length is None and not head.chunked

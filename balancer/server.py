@@ -226,6 +226,11 @@ class FrontDoor(web.Server):
                 handler.refuse_late_head(timeout)
         self._sweeper = self._loop.call_later(self.SWEEP_INTERVAL_S, self._sweep)
 
+    @property
+    def busy_connections(self) -> int:
+        """Client connections with a request being handled or queued (pipelined)."""
+        return sum(1 for h in self._connections if h._request_in_progress or h._messages)
+
     async def shutdown(self, timeout: float | None = None) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
