@@ -203,19 +203,39 @@ class FrontDoorHandler(RequestHandler):
         return super().handle_error(request, status, exc, message)
 
 
+class _Refuse(asyncio.Protocol):
+    """The protocol for a connection over ``limits.max_connections``: 503, then close."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        cast(asyncio.WriteTransport, transport).write(_OVERLOADED)
+        transport.close()
+
+
+_OVERLOADED = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+               b"X-Balancer-Error: max_connections\r\nRetry-After: 1\r\nContent-Length: 24\r\n"
+               b"Connection: close\r\n\r\n503 Service Unavailable\n")
+
+
 class FrontDoor(web.Server):
     """``web.Server`` that builds :class:`FrontDoorHandler` protocols and enforces the head timeout."""
 
     SWEEP_INTERVAL_S = 0.5
 
-    def __init__(self, handler: Any, *, header_timeout: float, **kwargs: Any) -> None:
+    def __init__(self, handler: Any, *, header_timeout: float, max_connections: int = 0,
+                 **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self._header_timeout = header_timeout
+        self._max_connections = max_connections
         self._sweeper: asyncio.TimerHandle | None = None
+        self.refused_connections = 0
 
-    def __call__(self) -> RequestHandler:
+    def __call__(self) -> RequestHandler:  # or a _Refuse over the limit
         if self._sweeper is None:
             self._sweeper = self._loop.call_later(self.SWEEP_INTERVAL_S, self._sweep)
+        if self._max_connections and len(self._connections) >= self._max_connections:
+            # Over limits.max_connections: a clean 503 and close, costing no parser or handler.
+            self.refused_connections += 1
+            return _Refuse()  # type: ignore[return-value]
         return FrontDoorHandler(self, loop=self._loop, **self._kwargs)
 
     def _sweep(self) -> None:

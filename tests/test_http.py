@@ -410,3 +410,19 @@ def test_retry_budget_caps_extra_load() -> None:
         budget.on_request()
     granted = sum(budget.take() for _ in range(100))
     assert granted == 22
+
+
+async def test_max_connections_refuses_cleanly(balancer_factory: Factory, raw_backend: Any) -> None:
+    """Over limits.max_connections a new client gets 503 + Retry-After and a close; others are served."""
+    backend = await raw_backend()
+    balancer = await balancer_factory(config(backend.port, top="limits: {max_connections: 2}"))
+    held = [await asyncio.open_connection("127.0.0.1", balancer.port) for _ in range(2)]
+    await async_wait_until(lambda: len(balancer._web_server.connections) == 2, timeout=5,
+                           message="two connections registered")
+    reply = await exchange(balancer.port, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in reply
+    reader, writer = held[0]
+    writer.write(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+    assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 200")
+    for _, w in held:
+        w.close()
