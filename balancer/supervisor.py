@@ -34,7 +34,7 @@ import socket
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from .registry import Backend, Registry
@@ -140,6 +140,7 @@ class Worker:
     stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=20))
     ready_event: asyncio.Event = field(default_factory=asyncio.Event)
     pump: asyncio.Task[None] | None = None      # reads the process's stderr
+    retiring: bool = False                      # being stopped for good: no restart
 
     @property
     def id(self) -> str:
@@ -160,7 +161,13 @@ class Worker:
 
 
 class Supervisor:
-    """Runs the worker slots of every spawn pool. Owner calls ``start`` then ``aclose``."""
+    """Runs the worker slots of every spawn pool. Owner calls ``start`` then ``aclose``.
+
+    Slots can be added and retired while running (reload, rolling restart); ``added_listeners`` and
+    ``removed_listeners`` tell the owner so it can give a new backend its connection pool and health
+    checks, and take them away again. Slot numbers only grow: a replacement of ``web/1`` is
+    ``web/5``, so logs and stats never confuse two processes.
+    """
 
     def __init__(self, registry: Registry, specs: Sequence[WorkerSpec], *,
                  policy: RestartPolicy = RestartPolicy(),
@@ -171,36 +178,136 @@ class Supervisor:
         self._clock = clock
         self._echo_stderr = echo_stderr
         self.workers: list[Worker] = []
-        self._tasks: list[asyncio.Task[None]] = []
+        self.specs: dict[str, WorkerSpec] = {}
+        self._tasks: dict[Worker, asyncio.Task[None]] = {}
+        self._next_index: dict[str, int] = {}
+        self._started = False
         self._stopping = False
+        self.added_listeners: list[Callable[[Backend], None]] = []
+        self.removed_listeners: list[Callable[[Backend], None]] = []
         for spec in specs:
-            for index in range(1, spec.count + 1):
-                backend = Backend(id=f"{spec.pool}/{index}", pool=spec.pool, host=spec.host,
-                                  port=free_port(spec.host), spawned=True, alive=False,
-                                  reason="starting")
-                registry.pool(spec.pool).add(backend)
-                self.workers.append(Worker(spec, index, backend))
+            self.specs[spec.pool] = spec
+            for _ in range(spec.count):
+                self._new_slot(spec)
+
+    def _new_slot(self, spec: WorkerSpec) -> Worker:
+        index = self._next_index.get(spec.pool, 0) + 1
+        self._next_index[spec.pool] = index
+        backend = Backend(id=f"{spec.pool}/{index}", pool=spec.pool, host=spec.host,
+                          port=free_port(spec.host), spawned=True, alive=False, reason="starting")
+        self.registry.pool(spec.pool).add(backend)
+        worker = Worker(spec, index, backend)
+        self.workers.append(worker)
+        return worker
+
+    def pool_workers(self, pool: str) -> list[Worker]:
+        return [w for w in self.workers if w.spec.pool == pool and not w.retiring]
 
     async def start(self, wait: bool = True) -> None:
         """Start every slot; with ``wait``, return once each worker accepts or its first start failed."""
-        loop = asyncio.get_running_loop()
+        self._started = True
         for worker in self.workers:
-            self._tasks.append(loop.create_task(self._run_slot(worker), name=f"worker {worker.id}"))
+            self._start_slot(worker)
         if wait and self.workers:
-            deadline = max(w.spec.start_timeout_s for w in self.workers) + 1.0
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(deadline):
-                    await asyncio.gather(*(w.ready_event.wait() for w in self.workers))
+            await self._wait_started(self.workers)
+
+    def _start_slot(self, worker: Worker) -> None:
+        self._tasks[worker] = asyncio.get_running_loop().create_task(self._run_slot(worker),
+                                                                     name=f"worker {worker.id}")
+
+    async def _wait_started(self, workers: Sequence[Worker]) -> None:
+        deadline = max(w.spec.start_timeout_s for w in workers) + 1.0
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(deadline):
+                await asyncio.gather(*(w.ready_event.wait() for w in workers))
+
+    # --- changing the set of slots (reload, rolling restart) -------------------------------------------
+
+    def add_worker(self, spec: WorkerSpec) -> Worker:
+        """A new slot for ``spec.pool``, started at once; the owner is told through added_listeners."""
+        self.specs[spec.pool] = spec
+        worker = self._new_slot(spec)
+        for listener in self.added_listeners:
+            listener(worker.backend)
+        if self._started:
+            self._start_slot(worker)
+        return worker
+
+    async def retire(self, worker: Worker, timeout: float) -> None:
+        """Stop one slot for good (no restart): SIGTERM, SIGKILL after ``timeout``, forget it."""
+        worker.retiring = True
+        if worker.process is not None:
+            await self._terminate(worker.process, timeout)
+        task = self._tasks.pop(worker, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if worker.pump is not None:
+            worker.pump.cancel()
+            await asyncio.gather(worker.pump, return_exceptions=True)
+        worker.state = WorkerState.STOPPED
+        self.workers.remove(worker)
+        backend_set = self.registry.pool(worker.spec.pool)
+        if backend_set.get(worker.id) is not None:
+            backend_set.remove(worker.id)
+        for listener in self.removed_listeners:
+            listener(worker.backend)
+        log.info("worker %s retired", worker.id)
+
+    async def replace(self, pool: str, spec: WorkerSpec, *, ready_timeout: float,
+                      drain: Callable[[Backend], Awaitable[object]], stop_timeout: float) -> int:
+        """Surge-then-drain: for each old worker, start a new one from ``spec``, wait until it is
+        ready (process up and health passed), then drain and retire the old one. The pool never has
+        fewer ready workers than before. Then grow or shrink to ``spec.count``. Returns how many
+        workers were started. A new worker that does not become ready stops the rollout (the old
+        ones stay)."""
+        old = self.pool_workers(pool)
+        started = 0
+        for previous in old:
+            fresh = self.add_worker(spec)
+            started += 1
+            if not await self._wait_ready(fresh, ready_timeout):
+                log.error("rollout of pool %s stopped: %s not ready within %gs (%s); keeping the old "
+                          "workers", pool, fresh.id, ready_timeout, fresh.last_exit or fresh.backend.reason)
+                await self.retire(fresh, stop_timeout)
+                return started
+            await drain(previous.backend)
+            await self.retire(previous, stop_timeout)
+        return started + await self.scale(pool, spec, ready_timeout=ready_timeout, drain=drain,
+                                          stop_timeout=stop_timeout)
+
+    async def scale(self, pool: str, spec: WorkerSpec, *, ready_timeout: float,
+                    drain: Callable[[Backend], Awaitable[object]], stop_timeout: float) -> int:
+        """Add or retire (drained, newest first) workers until the pool has ``spec.count``."""
+        self.specs[pool] = spec
+        current = self.pool_workers(pool)
+        added = [self.add_worker(spec) for _ in range(spec.count - len(current))]
+        for worker in added:
+            await self._wait_ready(worker, ready_timeout)
+        for worker in reversed(current[spec.count:]):
+            await drain(worker.backend)
+            await self.retire(worker, stop_timeout)
+        return len(added)
+
+    async def _wait_ready(self, worker: Worker, timeout: float) -> bool:
+        deadline = self._clock() + timeout
+        while self._clock() < deadline:
+            if worker.backend.is_ready:
+                return True
+            if worker.state is WorkerState.QUARANTINED:
+                return False
+            await asyncio.sleep(0.02)
+        return worker.backend.is_ready
 
     # --- one slot --------------------------------------------------------------------------------------
 
     async def _run_slot(self, worker: Worker) -> None:
-        while not self._stopping:
+        while not self._stopping and not worker.retiring:
             started = await self._spawn(worker)
             if started:
                 await self._watch(worker)
             worker.ready_event.set()
-            if self._stopping:
+            if self._stopping or worker.retiring:
                 break
             now = self._clock()
             worker.crashes.append(now)
@@ -334,9 +441,9 @@ class Supervisor:
                 worker.state = WorkerState.STOPPING
         running = [w.process for w in self.workers if w.process is not None and w.pid is not None]
         await asyncio.gather(*(self._terminate(p, timeout) for p in running))
-        for task in self._tasks:
+        for task in self._tasks.values():
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
         pumps = [w.pump for w in self.workers if w.pump is not None]
         for pump in pumps:
             pump.cancel()
