@@ -63,7 +63,7 @@ class HealthTracker:
     and from then on it takes ``rise`` passes in a row to come up.
     """
 
-    __slots__ = ("fails", "fall", "fresh", "healthy", "passes", "rise")
+    __slots__ = ("epoch", "fails", "fall", "fresh", "healthy", "passes", "rise")
 
     def __init__(self, rise: int, fall: int, healthy: bool = False) -> None:
         self.rise = rise
@@ -72,12 +72,21 @@ class HealthTracker:
         self.fresh = not healthy
         self.passes = 0
         self.fails = 0
+        # Bumped by every reset: a probe that started before it must not count after it.
+        self.epoch = 0
 
     def reset(self) -> None:
         """A new process behind the same slot: unhealthy until its first pass."""
         self.healthy = False
         self.fresh = True
         self.passes = self.fails = 0
+        self.epoch += 1
+
+    def require_rise(self) -> None:
+        """Unhealthy until ``rise`` passes in a row, counted from now (a passive ejection ended)."""
+        self.healthy = self.fresh = False
+        self.passes = self.fails = 0
+        self.epoch += 1
 
     def record(self, ok: bool) -> bool | None:
         """Count one result; return the new health when it flipped, else None."""
@@ -137,6 +146,9 @@ class HealthChecker:
     def is_checked(self, backend: Backend) -> bool:
         return backend.id in self._checks
 
+    def policy(self, backend: Backend) -> HealthPolicy:
+        return self._checks[backend.id][1]
+
     def require_rise(self, backend: Backend, reason: str) -> bool:
         """Unhealthy until ``rise`` checks in a row pass (a passive ejection ended); probe now.
 
@@ -146,8 +158,7 @@ class HealthChecker:
         if entry is None:
             return False
         _, _, tracker, wake = entry
-        tracker.healthy = tracker.fresh = False
-        tracker.passes = tracker.fails = 0
+        tracker.require_rise()
         self.registry.set_healthy(backend, False, reason)
         wake.set()
         return True
@@ -182,8 +193,9 @@ class HealthChecker:
                 wake.clear()
                 await wake.wait()
                 continue
+            epoch = tracker.epoch
             ok, reason = await self.probe(backend, policy)
-            if backend.alive:
+            if backend.alive and tracker.epoch == epoch:
                 flip = tracker.record(ok)
                 if flip is not None:
                     self._report(backend, flip, reason)
@@ -282,6 +294,8 @@ class SlowStart:
             self._ramping.pop(backend, None)
             self.registry.reweigh(backend, float(backend.weight))
             return
+        if self._task is None:
+            return          # not started: backends coming up together at start-up are not ramped
         others = [b for b in self.registry.pool(backend.pool).ready if b is not backend]
         if not others:
             return

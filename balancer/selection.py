@@ -6,9 +6,9 @@ Every picker weighs backends by ``effective_weight`` (the configured weight, or 
 
 * ``round_robin`` -- nginx's smooth weighted round-robin: weights interleave (5,1,1 gives
   a a b a c a a, never a a a a a b c). The schedule for one full cycle is computed once per snapshot, so
-  a pick is O(1) whatever the pool size; equal weights reduce to plain rotation. nginx's loop costs
-  O(backends x cycle) to precompute, so big pools with uneven weights get an earliest-deadline-first
-  schedule instead (Envoy's weighted round-robin: also interleaved, O(cycle log n) to build).
+  a pick is O(1) whatever the pool size; equal weights reduce to plain rotation. nginx's own loop is
+  O(backends) a step; :class:`SmoothWeighted` gives the same sequence in O(distinct weights) a step,
+  so building a schedule stays cheap for 1000 backends, and a cycle too long to store is walked live.
 * ``least_loaded`` -- fewest requests in flight per unit of weight, counting the request being placed
   (``(in_flight + 1) / weight``, so weights matter even in an idle pool); ties are broken by rotating
   the starting point, so an idle pool does not pile every request onto its first backend. O(n).
@@ -20,7 +20,6 @@ Every picker weighs backends by ``effective_weight`` (the configured weight, or 
 
 from __future__ import annotations
 
-import heapq
 import math
 import random
 from collections.abc import Callable, Collection, Sequence
@@ -29,10 +28,8 @@ from typing import Protocol
 
 from .registry import Backend
 
-# Longest precomputed round-robin cycle; beyond it (huge co-prime weights) each pick pops a heap.
+# Longest precomputed round-robin cycle; beyond it (huge co-prime weights) each pick runs one step.
 MAX_SCHEDULE = 16384
-# nginx's exact order is precomputed only while backends x cycle stays under this (~10 ms of Python).
-EXACT_BUDGET = 100_000
 # Effective weights are compared in tenths: slow start ramps in steps of 10 %.
 WEIGHT_SCALE = 10
 
@@ -42,33 +39,70 @@ class Selector(Protocol):
              exclude: Collection[Backend] = ()) -> Backend | None: ...
 
 
+class _Group:
+    """Backends of equal weight, picked in index order, round after round."""
+
+    __slots__ = ("cursor", "members", "rounds", "weight")
+
+    def __init__(self, weight: int, members: list[int]) -> None:
+        self.weight = weight
+        self.members = members
+        self.cursor = 0          # the member whose turn it is
+        self.rounds = 0          # completed rounds: picks of the member at the cursor
+
+
+class SmoothWeighted:
+    """nginx's smooth weighted round-robin, computed per group of equal weights: O(groups) a step.
+
+    nginx adds every weight to its backend's ``current`` and picks the largest (lowest index on ties),
+    then subtracts the total: O(n) a step. After ``k`` steps, ``current_i = k * w_i - total * picks_i``;
+    within a group of equal weights the member picked least (then the lowest index) leads, so members
+    of a group are picked in index order, round after round, and comparing one candidate per group
+    gives nginx's exact sequence (tests check it against nginx's loop). After ``total`` steps every
+    backend has had ``w_i`` picks and the state is back at the start.
+    """
+
+    __slots__ = ("_groups", "_step", "_total")
+
+    def __init__(self, weights: Sequence[int]) -> None:
+        by_weight: dict[int, list[int]] = {}
+        for i, w in enumerate(weights):
+            by_weight.setdefault(w, []).append(i)
+        self._groups = [_Group(w, members) for w, members in by_weight.items()]
+        self._total = sum(weights)
+        self._step = 0
+
+    @property
+    def cycle(self) -> int:
+        """Steps after which the sequence repeats (the sum of the weights)."""
+        return self._total
+
+    def next(self) -> int:
+        """The index of the next backend in nginx's sequence."""
+        step = self._step = self._step + 1
+        total = self._total
+        best = self._groups[0]
+        best_value = best_index = -1
+        for group in self._groups:
+            value = step * group.weight - total * group.rounds
+            index = group.members[group.cursor]
+            if value > best_value or (value == best_value and index < best_index):
+                best, best_value, best_index = group, value, index
+        best.cursor += 1
+        if best.cursor == len(best.members):
+            best.cursor = 0
+            best.rounds += 1
+        if step == total:
+            self._step = 0
+            for group in self._groups:
+                group.cursor = group.rounds = 0
+        return best_index
+
+
 def smooth_weighted_order(weights: Sequence[int], count: int) -> list[int]:
     """Indices chosen by nginx's smooth weighted round-robin for ``count`` picks."""
-    current = [0] * len(weights)
-    total = sum(weights)
-    order: list[int] = []
-    for _ in range(count):
-        best = -1
-        for i, w in enumerate(weights):
-            current[i] += w
-            if best < 0 or current[i] > current[best]:
-                best = i
-        current[best] -= total
-        order.append(best)
-    return order
-
-
-def deadline_order(weights: Sequence[int], count: int) -> list[int]:
-    """Indices in earliest-deadline-first order for ``count`` picks: backend i is due every 1/w_i,
-    starting half a period in (so equal weights interleave rather than burst). O(count log n)."""
-    heap = [(0.5 / w, i) for i, w in enumerate(weights)]
-    heapq.heapify(heap)
-    order: list[int] = []
-    for _ in range(count):
-        due, i = heap[0]
-        heapq.heapreplace(heap, (due + 1.0 / weights[i], i))
-        order.append(i)
-    return order
+    smooth = SmoothWeighted(weights)
+    return [smooth.next() for _ in range(count)]
 
 
 def scaled_weights(ready: Sequence[Backend]) -> list[int]:
@@ -81,19 +115,18 @@ def scaled_weights(ready: Sequence[Backend]) -> list[int]:
 class RoundRobin:
     """Smooth weighted round-robin over the ready snapshot."""
 
-    __slots__ = ("_cursor", "_heap", "_schedule", "_version", "_weights")
+    __slots__ = ("_cursor", "_live", "_schedule", "_version")
 
     def __init__(self) -> None:
         self._version = -1
         self._schedule: list[Backend] = []
         self._cursor = 0
-        # Only when the cycle is too long to precompute: a live earliest-deadline-first heap.
-        self._heap: list[tuple[float, int]] = []
-        self._weights: list[int] = []
+        # Only when the cycle is too long to precompute: nginx's sequence step by step.
+        self._live: SmoothWeighted | None = None
 
     def _rebuild(self, ready: Sequence[Backend], version: int) -> None:
         self._version = version
-        self._heap = []
+        self._live = None
         if not ready:
             self._schedule = []
             return
@@ -101,15 +134,11 @@ class RoundRobin:
         cycle = sum(weights)
         if cycle == len(weights):                       # equal weights: plain rotation
             self._schedule = list(ready)
-        elif cycle * len(weights) <= EXACT_BUDGET:
-            self._schedule = [ready[i] for i in smooth_weighted_order(weights, cycle)]
         elif cycle <= MAX_SCHEDULE:
-            self._schedule = [ready[i] for i in deadline_order(weights, cycle)]
+            self._schedule = [ready[i] for i in smooth_weighted_order(weights, cycle)]
         else:
             self._schedule = []
-            self._weights = weights
-            self._heap = [(0.5 / w, i) for i, w in enumerate(weights)]
-            heapq.heapify(self._heap)
+            self._live = SmoothWeighted(weights)
         # Keep the cursor where it was (modulo the new length) so a snapshot change does not
         # send the next request back to the first backend every time.
         self._cursor %= max(len(self._schedule), 1)
@@ -120,9 +149,8 @@ class RoundRobin:
             cursor = self._cursor
             self._cursor = (cursor + 1) % len(schedule)
             return schedule[cursor]
-        due, i = self._heap[0]
-        heapq.heapreplace(self._heap, (due + 1.0 / self._weights[i], i))
-        return ready[i]
+        assert self._live is not None
+        return ready[self._live.next()]
 
     def pick(self, ready: Sequence[Backend], version: int,
              exclude: Collection[Backend] = ()) -> Backend | None:
@@ -132,8 +160,9 @@ class RoundRobin:
             self._rebuild(ready, version)
         if not exclude:
             return self._next(ready)
-        # Bounded: a full cycle visits every backend at least once.
-        for _ in range(len(self._schedule) or sum(self._weights)):
+        # Bounded: one cycle visits every backend.
+        steps = self._live.cycle if self._live is not None else len(self._schedule)
+        for _ in range(steps):
             backend = self._next(ready)
             if backend not in exclude:
                 return backend
