@@ -114,6 +114,8 @@ class ConnectionPool:
         self._opening = 0                 # connects in progress, counted against `max`
         self._waiters: deque[asyncio.Future[UpstreamConnection | None]] = deque()
         self._closed = False
+        # False while the backend is out of rotation: released connections are closed, not pooled.
+        self.accepting = True
         self.stats = PoolStats()
 
     # --- synchronous decisions -----------------------------------------------------------------------
@@ -145,7 +147,7 @@ class ConnectionPool:
         """Why a released connection must be closed rather than kept idle, or None to keep it."""
         if not conn.is_reusable:
             return "error" if conn.state is not ConnState.CLOSED else (conn.close_reason or "backend_close")
-        if self._closed:
+        if self._closed or not self.accepting:
             return "pool_closed"
         reason = self._expiry(conn, now)
         if reason is not None:
@@ -419,6 +421,7 @@ class UpstreamPools:
         pool = self._pools.get(backend_id)
         if pool is None:
             return
+        pool.accepting = is_ready
         if not is_ready:
             closed = pool.close_idle("pool_closed")
             if closed:

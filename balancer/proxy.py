@@ -212,14 +212,14 @@ class Proxy:
         """Try backends until one answers with a response head; raise the last failure otherwise.
 
         A retry goes to a backend not tried yet, only while the request is within its deadline
-        (``timeouts.response`` from its start) and the retry budget allows it.
+        (``timeouts.response`` per try allowed, from its start) and the retry budget allows it.
         """
         tried: list[Backend] = []
         backends = runtime.backends
         last_exc: UpstreamError | None = None
         self._budget.on_request()
         tries = runtime.retries + 1 if retry_ok and not streamed_body else 1
-        deadline = record.start + runtime.response_timeout_s
+        deadline = record.start + runtime.response_timeout_s * tries
         for attempt_no in range(tries):
             if attempt_no and (time.monotonic() >= deadline or not self._budget.take()):
                 break

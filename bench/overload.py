@@ -43,7 +43,8 @@ def main() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 65536), hard), hard))
     port = free_port()
-    config = (f"listen: {{host: 127.0.0.1, port: {port}}}\nlimits: {{max_connections: {args.max_connections}}}\n"
+    config = (f"listen: {{host: 127.0.0.1, port: {port}}}\n"
+              f"limits: {{max_connections: {args.max_connections}}}\n"
               "pools:\n  web:\n    spawn: {command: [python, -m, backends], count: 4}\n")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "balancer.yaml"
@@ -63,8 +64,8 @@ def main() -> None:
             idle_rss = rss_mib(proc.pid)
             sampler = threading.Thread(target=sample, daemon=True)
             sampler.start()
-            out = subprocess.run(["wrk", "-t1", f"-c{args.connections}", f"-d{args.duration}s", "--timeout", "10s",
-                                  "--latency", f"http://127.0.0.1:{port}{args.path}"],
+            out = subprocess.run(["wrk", "-t1", f"-c{args.connections}", f"-d{args.duration}s",
+                                  "--timeout", "10s", "--latency", f"http://127.0.0.1:{port}{args.path}"],
                                  capture_output=True, text=True, check=True).stdout
             stop.set()
             sampler.join()

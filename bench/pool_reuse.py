@@ -81,7 +81,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "balancer.yaml"
         path.write_text(config)
-        log = open(Path(tmp) / "balancer.log", "wb")  # noqa: SIM115
+        log = open(Path(tmp) / "balancer.log", "wb")
         proc = subprocess.Popen([str(ROOT / ".venv/bin/balancer"), "run", "-c", str(path)], cwd=ROOT,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:

@@ -106,7 +106,7 @@ class BalancerProcess:
 
     def __init__(self, config_path: Path, cwd: Path = ROOT) -> None:
         self.log_path = config_path.with_suffix(".log")
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "balancer", "run", "-c", str(config_path)],
             cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -13,7 +13,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
-import pytest
 from aiohttp import web
 
 from balancer.registry import Backend
@@ -63,8 +62,6 @@ async def test_hung_worker_is_ejected_by_probe_timeouts(balancer_factory: Any) -
         await async_wait_until(lambda: hung.is_ready, timeout=5, message="readmitted")
 
 
-@pytest.mark.xfail(strict=True, reason="proxy.py: the retry deadline is start + timeouts.response, "
-                   "which one response timeout uses up, so a 504 response_timeout is never retried")
 async def test_gets_to_a_hung_worker_fail_over_before_it_is_ejected(balancer_factory: Any) -> None:
     """GETs that meet the hung worker before its ejection time out (500ms) and are retried on the
     other worker: no client-visible failure."""

@@ -392,7 +392,7 @@ async def test_client_gone_while_waiting_frees_upstream_connection(balancer_fact
     """A client that disconnects while the backend thinks cancels the upstream request at once."""
     silent = await raw_backend(lambda _: b"")
     balancer = await balancer_factory(config(silent.port))
-    reader, writer = await asyncio.open_connection("127.0.0.1", balancer.port)
+    _reader, writer = await asyncio.open_connection("127.0.0.1", balancer.port)
     writer.write(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
     await async_wait_until(lambda: silent.received, timeout=5, message="request at the backend")
     pool = balancer.upstream.items()[0][1]

@@ -14,6 +14,7 @@ from aiohttp import web
 from balancer.errors import PoolTimeout, UpstreamConnectError
 from balancer.pool import ConnectionPool, PoolLimits
 from balancer.upstream import ConnState, ResponseHead, UpstreamConnection
+from tests.conftest import async_wait_until
 
 
 class FakeClock:
@@ -48,7 +49,7 @@ def finish(conn: UpstreamConnection, keep_alive: bool = True) -> UpstreamConnect
 async def test_released_connection_is_reused_most_recent_first() -> None:
     """Idle connections are a stack: the last one released is the next one leased."""
     clock = FakeClock()
-    pool, opened = make_pool(clock)
+    pool, _opened = make_pool(clock)
     a, b = await pool.acquire(), await pool.acquire()
     pool.release(finish(a))
     pool.release(finish(b))
@@ -78,7 +79,7 @@ async def test_backend_connection_close_is_obeyed() -> None:
 async def test_idle_timeout_lifetime_and_max_requests_expire_connections() -> None:
     """Expired idle connections are discarded on acquire, each counted under its reason."""
     clock = FakeClock()
-    pool, opened = make_pool(clock, idle_timeout_s=5, max_lifetime_s=100, max_requests=3)
+    pool, _opened = make_pool(clock, idle_timeout_s=5, max_lifetime_s=100, max_requests=3)
     conn = await pool.acquire()
     pool.release(finish(conn))
     clock.now += 6
@@ -228,7 +229,7 @@ async def _counting_backend(keepalive_timeout: float) -> tuple[web.AppRunner, in
 
 async def test_keepalive_race_gives_zero_errors(balancer_factory: Any) -> None:
     """A backend closing idle connections after 1 s, hit every ~1 s: no client sees an error."""
-    runner, port, accepted = await _counting_backend(keepalive_timeout=1.0)
+    runner, port, _accepted = await _counting_backend(keepalive_timeout=1.0)
     try:
         balancer = await balancer_factory(f"""
 listen: {{host: 127.0.0.1, port: 0}}
@@ -294,8 +295,7 @@ pools:
         async with aiohttp.ClientSession() as session:
             slow = asyncio.create_task(session.get(f"http://127.0.0.1:{balancer.port}/?hold=2"))
             pool = balancer.upstream.items()[0][1]
-            while pool.in_use == 0:
-                await asyncio.sleep(0.01)
+            await async_wait_until(lambda: pool.in_use, timeout=5, message="request in flight")
             started = time.monotonic()
             async with session.get(f"http://127.0.0.1:{balancer.port}/") as resp:
                 assert resp.status == 503

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from backends.app import make_app
+from tests.conftest import async_wait_until
 
 
 async def _backend() -> tuple[web.AppRunner, int]:
@@ -30,8 +30,7 @@ async def test_shutdown_lets_in_flight_finish_with_connection_close(balancer_fac
         writer.write(b"GET /slow?ms=400 HTTP/1.1\r\nHost: h\r\n\r\n")
         await writer.drain()
         pool = balancer.upstream.items()[0][1]
-        while pool.in_use == 0:
-            await asyncio.sleep(0.01)
+        await async_wait_until(lambda: pool.in_use, timeout=5, message="request in flight")
         shutdown = asyncio.create_task(balancer.shutdown())
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         assert head.startswith(b"HTTP/1.1 200") and b"Connection: close" in head
@@ -77,8 +76,7 @@ async def test_keepalive_client_under_load_loses_nothing(balancer_factory: Any) 
                 writer.close()
 
         clients = [asyncio.create_task(client()) for _ in range(8)]
-        while completed < 50:
-            await asyncio.sleep(0.01)
+        await async_wait_until(lambda: completed >= 50, timeout=10, message="traffic flowing")
         await balancer.shutdown()
         await asyncio.wait_for(asyncio.gather(*clients), 10)   # raises if any request failed
         assert told_to_close == 8 and completed > 50
