@@ -1,24 +1,53 @@
-"""The admin listener: liveness, readiness and a JSON view of pools, backends, connections, workers.
+"""The admin listener: health, stats, metrics, slow log, dashboard, and the operator's switches.
 
 A separate aiohttp ``Application`` on its own port (loopback by default), so the data port carries no
-router. It observes through public attributes only; the operations it triggers are registry methods.
+router. It observes through public attributes and the proxy's observer list; the operations it
+triggers are registry methods. Creating an :class:`Admin` registers two proxy observers
+(:class:`~balancer.stats.Traffic` and :class:`~balancer.slowlog.SlowLog`); without an ``admin:``
+section neither exists and requests pay nothing for them.
+
+With a token configured, every endpoint but ``/healthz`` and the dashboard page itself requires
+``Authorization: Bearer TOKEN`` (compared in constant time). The page holds no data: its script reads
+the token from the URL fragment (``/#token=...``, never sent to the server) and sends it with each poll.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
+import importlib.resources
+import logging
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from .registry import AdminState, Backend
+from .config import parse_duration
+from .errors import ConfigError
+from .metrics import CONTENT_TYPE, BalancerCollector, exposition, new_registry
+from .registry import AdminState, Backend, wait_drained
+from .slowlog import SlowLog
+from .stats import WINDOWS, Traffic
+from .supervisor import Worker, WorkerState
 
 if TYPE_CHECKING:
     from .app import Balancer
 
+log = logging.getLogger(__name__)
+
+MAX_DRAIN_WAIT_S = 3600.0
+DRAIN_POLL_S = 0.05
+SERIES_SECONDS = 300
+OPEN_PATHS = frozenset({"/healthz", "/"})
+DASHBOARD = "static/dashboard.html"       # package data
+
 
 class Admin:
+    """The admin listener, and the observers it feeds from. The app calls ``start`` and ``aclose``."""
+
     def __init__(self, balancer: Balancer) -> None:
         self.balancer = balancer
         cfg = balancer.config.admin
@@ -28,20 +57,42 @@ class Admin:
         self.token = cfg.token
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
+        self._workers: dict[str, Worker] = {w.id: w for w in balancer.supervisor.workers}
+        self.traffic = Traffic()
+        self.slowlog = SlowLog(cfg.slowlog_threshold_s, cfg.slowlog_size)
+        balancer.proxy.observers.append(self.traffic.observe)
+        balancer.proxy.observers.append(self.slowlog.observe)
+        balancer.proxy.outcome_listeners.append(self.traffic.on_outcome)
+        for backend_set in balancer.registry.pools.values():
+            backend_set.subscribe(self._on_readiness)
+        for backend in balancer.registry.backends():
+            self.traffic.states.note(backend.id, self.state_of(backend))
+        self.metrics = new_registry(BalancerCollector(
+            self.traffic, balancer.registry, balancer.upstream, balancer.supervisor,
+            state_of=self.state_of, started_at=balancer.started_at,
+            config_sha256=balancer.config.text_hash, extra=self._extra_metrics))
+        self._dashboard: bytes | None = None
+        self._pool_baselines: dict[str, dict[str, Any]] = {}
 
     def application(self) -> web.Application:
         app = web.Application(middlewares=[self._auth])
+        app.router.add_get("/", self.dashboard)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/stats", self.stats)
+        app.router.add_post("/stats/reset", self.stats_reset)
+        app.router.add_get("/stats/series", self.stats_series)
         app.router.add_get("/stats/backends/{pool}/{name}", self.backend_stats)
+        app.router.add_get("/metrics", self.metrics_page)
+        app.router.add_get("/slowlog", self.slowlog_page)
+        app.router.add_post("/slowlog/reset", self.slowlog_reset)
         for action in ("drain", "disable", "enable"):
             app.router.add_post(f"/backends/{{pool}}/{{name}}/{action}", self.set_admin_state)
         return app
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        if self.token and request.path != "/healthz":
+        if self.token and request.path not in OPEN_PATHS:
             given = request.headers.get("Authorization", "")
             expected = f"Bearer {self.token}"
             if not hmac.compare_digest(given.encode(), expected.encode()):
@@ -51,7 +102,8 @@ class Admin:
         return result
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.application(), access_log=None)
+        # A short shutdown timeout: a `drain?wait=` still polling must not hold balancer's shutdown.
+        self._runner = web.AppRunner(self.application(), access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
         self._site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
         await self._site.start()
@@ -65,7 +117,31 @@ class Admin:
         if self._runner is not None:
             await self._runner.cleanup()
 
+    # --- state -----------------------------------------------------------------------------------------
+
+    def state_of(self, backend: Backend) -> str:
+        """up, down, ejected, draining, disabled, or quarantined (a worker that crashed too often)."""
+        state = backend.state
+        if state == "down":
+            worker = self._workers.get(backend.id)
+            if worker is not None and worker.state is WorkerState.QUARANTINED:
+                return "quarantined"
+        return state
+
+    def _on_readiness(self, backend: Backend, is_ready: bool) -> None:
+        # Most state changes flip readiness and are timed exactly here; the rest (e.g. a down backend
+        # drained) are noticed when a snapshot is taken.
+        self.traffic.states.note(backend.id, self.state_of(backend))
+        if not is_ready and backend.admin is AdminState.ENABLED and backend.weight > 0:
+            self.traffic.states.eject(backend.id)
+
     # --- handlers --------------------------------------------------------------------------------------
+
+    async def dashboard(self, request: web.Request) -> web.Response:
+        if self._dashboard is None:
+            self._dashboard = importlib.resources.files("balancer").joinpath(DASHBOARD).read_bytes()
+        return web.Response(body=self._dashboard, content_type="text/html", charset="utf-8",
+                            headers={"Cache-Control": "no-store"})
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -78,6 +154,19 @@ class Admin:
     async def stats(self, request: web.Request) -> web.Response:
         return web.json_response(self.snapshot())
 
+    async def stats_reset(self, request: web.Request) -> web.Response:
+        self.reset()
+        return web.json_response({"reset": True, "stats_since": _iso(self.traffic.reset_at)})
+
+    async def stats_series(self, request: web.Request) -> web.Response:
+        now_sec = self.traffic.now_sec()
+        until = now_sec - 1                     # complete seconds only: each is sent once, final
+        # Never before the stats began: there is nothing there but zeros.
+        since = max(until - SERIES_SECONDS, self.traffic.started_sec() - 1)
+        with contextlib.suppress(KeyError, ValueError):
+            since = max(self.traffic.mono_of(int(request.query["since"])), since)
+        return web.json_response(self.series(since, until))
+
     async def backend_stats(self, request: web.Request) -> web.Response:
         backend = self._find(request)
         data = self.backend_snapshot(backend)
@@ -85,13 +174,65 @@ class Admin:
         data["connections"] = pool.connections() if pool is not None else []
         return web.json_response(data)
 
+    async def metrics_page(self, request: web.Request) -> web.Response:
+        return web.Response(body=exposition(self.metrics), headers={"Content-Type": CONTENT_TYPE})
+
+    async def slowlog_page(self, request: web.Request) -> web.Response:
+        order = request.query.get("order", "slowest")
+        if order not in ("slowest", "recent"):
+            raise web.HTTPBadRequest(text="order must be 'slowest' or 'recent'\n")
+        try:
+            limit = int(request.query["limit"]) if "limit" in request.query else None
+        except ValueError:
+            raise web.HTTPBadRequest(text="limit must be an integer\n") from None
+        return web.json_response(self.slowlog.view(order, limit))
+
+    async def slowlog_reset(self, request: web.Request) -> web.Response:
+        self.slowlog.reset()
+        return web.json_response({"reset": True})
+
     async def set_admin_state(self, request: web.Request) -> web.Response:
         backend = self._find(request)
         action = request.path.rsplit("/", 1)[1]
         state = {"drain": AdminState.DRAINING, "disable": AdminState.DISABLED,
                  "enable": AdminState.ENABLED}[action]
+        wait_s: float | None = None
+        if action == "drain" and "wait" in request.query:
+            try:
+                wait_s = min(parse_duration(request.query["wait"]), MAX_DRAIN_WAIT_S)
+            except ConfigError as exc:
+                raise web.HTTPBadRequest(text=f"wait: {exc}\n") from None
         self.balancer.registry.set_admin(backend, state)
-        return web.json_response(self.backend_snapshot(backend))
+        self.traffic.states.note(backend.id, self.state_of(backend))
+        if wait_s is None:
+            return web.json_response(self.backend_snapshot(backend))
+        report = await self._wait_drained(backend, wait_s)
+        data = self.backend_snapshot(backend)
+        data["drain"] = report
+        return web.json_response(data, status=200 if report["drained"] else 202)
+
+    async def _wait_drained(self, backend: Backend, wait_s: float) -> dict[str, Any]:
+        """Wait until ``backend`` has nothing in flight or ``wait_s`` passed; say what is left."""
+        start = time.monotonic()
+        # Shutdown ends the wait early rather than holding the admin listener open.
+        waiter = asyncio.ensure_future(wait_drained(backend, wait_s, DRAIN_POLL_S))
+        stopping = asyncio.ensure_future(self.balancer.stop_event.wait())
+        try:
+            await asyncio.wait([waiter, stopping], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (waiter, stopping):
+                task.cancel()
+            await asyncio.gather(waiter, stopping, return_exceptions=True)
+        waited = time.monotonic() - start
+        report: dict[str, Any] = {"drained": backend.in_flight == 0, "waited_s": round(waited, 3),
+                                  "in_flight": backend.in_flight}
+        if backend.in_flight:
+            pool = self.balancer.upstream.get(backend.id)
+            report["busy_connections"] = [c for c in (pool.connections() if pool else [])
+                                          if c.get("state") != "idle"]
+            log.warning("drain of %s: %d requests still in flight after %.1fs", backend.id,
+                        backend.in_flight, waited)
+        return report
 
     def _find(self, request: web.Request) -> Backend:
         backend_id = f"{request.match_info['pool']}/{request.match_info['name']}"
@@ -102,28 +243,107 @@ class Admin:
 
     # --- views -----------------------------------------------------------------------------------------
 
+    def reset(self) -> None:
+        """``POST /stats/reset``: counters, windows, slow log and connection-pool counters start over.
+        Prometheus counters are not reset (they must never go backwards): the views subtract a baseline.
+        """
+        self.traffic.reset()
+        self.slowlog.reset()
+        self._pool_baselines = {backend_id: pool.snapshot() for backend_id, pool in
+                                self.balancer.upstream.items()}
+
     def backend_snapshot(self, backend: Backend) -> dict[str, Any]:
         pool = self.balancer.upstream.get(backend.id)
+        state = self.state_of(backend)
+        since = self.traffic.states.note(backend.id, state)
+        traffic = self.traffic
         data: dict[str, Any] = {
-            "id": backend.id, "address": backend.address, "state": backend.state,
+            "id": backend.id, "address": backend.address, "state": state, "since": _iso(since),
+            "since_s": round(time.time() - since, 3),
             "ready": backend.is_ready, "alive": backend.alive, "healthy": backend.healthy,
             "admin": backend.admin.value, "reason": backend.reason, "weight": backend.weight,
+            "effective_weight": round(backend.effective_weight, 3),
             "in_flight": backend.in_flight, "spawned": backend.spawned,
-            "pool": pool.snapshot() if pool is not None else None,
+            "ejections": traffic.states.ejections_since_reset(backend.id),
+            "failed_attempts": traffic.failed_attempts_since_reset(backend.id),
         }
-        worker = next((w for w in self.balancer.supervisor.workers if w.backend is backend), None)
+        key = (backend.pool, backend.id)
+        data.update(traffic.counters(traffic.keys(backend.pool, backend.id)))
+        window = traffic.windows.get(key)
+        data["latency"] = traffic.latency([window] if window is not None else [])
+        data["pool"] = self._pool_view(backend.id, pool.snapshot()) if pool is not None else None
+        worker = self._workers.get(backend.id)
         if worker is not None:
             data["worker"] = worker.info()
         return data
 
+    def pool_snapshot(self, name: str) -> dict[str, Any]:
+        backend_set = self.balancer.registry.pools[name]
+        traffic = self.traffic
+        data: dict[str, Any] = {"ready": len(backend_set.ready), "size": len(backend_set)}
+        data.update(traffic.counters(traffic.keys(name)))
+        data["latency"] = traffic.latency(w for k, w in traffic.windows.items() if k[0] == name)
+        data["backends"] = [self.backend_snapshot(b) for b in backend_set]
+        return data
+
     def snapshot(self) -> dict[str, Any]:
         b = self.balancer
+        traffic = self.traffic
+        totals = traffic.counters(traffic.keys())
+        totals["latency"] = traffic.latency(traffic.windows.values())
         return {
             "uptime_s": round(time.time() - b.started_at, 3),
+            "started_at": _iso(b.started_at),
+            "stats_since": _iso(traffic.reset_at),
             "config": {"file": b.config.source, "sha256": b.config.text_hash},
-            "requests": b.proxy.requests,
-            "pools": {
-                name: {"ready": len(s.ready), "backends": [self.backend_snapshot(x) for x in s]}
-                for name, s in b.registry.pools.items()
-            },
+            "requests": totals["requests"],
+            "windows": [name for name, _ in WINDOWS],
+            "totals": totals,
+            "pools": {name: self.pool_snapshot(name) for name in b.registry.pools},
+            "workers": [{"id": w.id, "pool": w.spec.pool, **w.info()} for w in b.supervisor.workers],
+            "slowlog": {"threshold_ms": round(self.slowlog.threshold_s * 1000, 3), "kept": len(self.slowlog),
+                        "seen": self.slowlog.seen},
         }
+
+    def series(self, since: int, until: int) -> dict[str, Any]:
+        """Per-second requests, failures and p99 for each pool and backend, for the dashboard's charts."""
+        traffic = self.traffic
+        windows = traffic.windows
+        return {
+            "seconds": [traffic.wall_of(s) for s in range(since + 1, until + 1)],
+            "pools": {name: traffic.series((w for k, w in windows.items() if k[0] == name), since, until)
+                      for name in self.balancer.registry.pools},
+            "backends": {b.id: traffic.series([w] if (w := windows.get((b.pool, b.id))) else [], since, until)
+                         for b in self.balancer.registry.backends()},
+        }
+
+    def _pool_view(self, backend_id: str, snap: dict[str, Any]) -> dict[str, Any]:
+        """The pool's snapshot with its counters counted from the last reset (``wait_max_s``: since
+        start; gauges as they are)."""
+        base = self._pool_baselines.get(backend_id)
+        if base is None:
+            return snap
+        for key in ("created", "reused", "replayed", "acquires", "waits"):
+            snap[key] -= base[key]
+        snap["wait_total_s"] = round(snap["wait_total_s"] - base["wait_total_s"], 6)
+        snap["closed"] = {reason: n - base["closed"].get(reason, 0) for reason, n in snap["closed"].items()}
+        leased = snap["created"] + snap["reused"]
+        snap["reuse_ratio"] = round(snap["reused"] / leased, 4) if leased else 0.0
+        return snap
+
+    def _extra_metrics(self) -> Iterator[Metric]:
+        slow = CounterMetricFamily("balancer_slow_requests", "Requests slower than the slow-log threshold")
+        slow.add_metric([], self.slowlog.total)
+        yield slow
+        access_log = getattr(self.balancer, "access_log", None)
+        if access_log is not None:
+            yield CounterMetricFamily("balancer_access_log_lines", "Access log lines written",
+                                      value=access_log.written)
+            yield CounterMetricFamily("balancer_access_log_dropped", "Access log lines dropped",
+                                      value=access_log.dropped)
+        yield GaugeMetricFamily("balancer_uptime_seconds", "Seconds since balancer started",
+                                value=time.time() - self.balancer.started_at)
+
+
+def _iso(wall: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(wall)) + f".{int(wall % 1 * 1000):03d}Z"

@@ -1,19 +1,24 @@
-"""Command line: ``balancer run|check``. The only module that calls ``sys.exit``.
+"""Command line: ``balancer run|check|status|drain|disable|enable``. The only module that calls
+``sys.exit``.
 
-Exit statuses: 0 success, 1 runtime failure, 2 configuration error (like ``nginx -t``).
+Exit statuses: 0 success, 1 runtime failure (including: the admin API unreachable, a ``drain --wait``
+that did not finish), 2 configuration or usage error (like ``nginx -t``).
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
 
-from .config import DEFAULT_CONFIG_PATH, dump_effective, load_config
+from . import ctl
+from .config import DEFAULT_CONFIG_PATH, dump_effective, load_config, parse_duration
 from .errors import ConfigError
+from .models import Config
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
@@ -26,7 +31,29 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a configuration and print it with defaults filled in")
     check.add_argument("-c", "--config", default=DEFAULT_CONFIG_PATH, help="YAML configuration file")
     check.add_argument("-q", "--quiet", action="store_true", help="only validate; print nothing on success")
+    status = sub.add_parser("status", help="print the per-backend table of a running balancer")
+    _admin_arguments(status)
+    status.add_argument("--json", action="store_true", help="print the raw /stats JSON instead")
+    for action, text in (("drain", "stop sending new requests to a backend; in-flight ones finish"),
+                         ("disable", "take a backend out of rotation"),
+                         ("enable", "put a drained or disabled backend back into rotation")):
+        cmd = sub.add_parser(action, help=text)
+        cmd.add_argument("backend", metavar="ID", help="backend id, POOL/NAME (e.g. web/1)")
+        _admin_arguments(cmd)
+        if action == "drain":
+            cmd.add_argument("--wait", metavar="DURATION",
+                             help="wait up to this long (e.g. 30s) until nothing is in flight")
     return parser
+
+
+def _admin_arguments(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("-c", "--config", default=None,
+                     help="take the admin address and token from this configuration file")
+    cmd.add_argument("--admin", metavar="URL", default=None,
+                     help=f"admin API base URL (default: BALANCER_ADMIN_URL, the config's, "
+                          f"or {ctl.DEFAULT_ADMIN_URL})")
+    cmd.add_argument("--token", default=None,
+                     help="admin token (default: BALANCER_ADMIN_TOKEN or the config's)")
 
 
 def _configure_logging(level: str) -> None:
@@ -84,12 +111,48 @@ def _check(config_path: str, quiet: bool) -> int:
     return EXIT_OK
 
 
+def _admin(args: argparse.Namespace) -> int:
+    """status / drain / disable / enable against the admin API."""
+    config: Config | None = None
+    if args.config is not None:
+        try:
+            config = load_config(args.config)
+        except ConfigError as exc:
+            print(f"balancer: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+    url, token = ctl.admin_url(config, args.admin), ctl.admin_token(config, args.token)
+    try:
+        if args.command == "status":
+            _, stats = ctl.call(url, "/stats", token)
+            text = json.dumps(stats, indent=2) + "\n" if args.json else ctl.render_status(stats, url)
+            sys.stdout.write(text)
+            return EXIT_OK
+        path = ctl.backend_path(args.backend, args.command)
+        timeout = ctl.TIMEOUT_S
+        if getattr(args, "wait", None):
+            try:
+                wait_s = parse_duration(args.wait)
+            except ConfigError as exc:
+                print(f"balancer: --wait: {exc}", file=sys.stderr)
+                return EXIT_CONFIG
+            path += f"?wait={wait_s:.3f}"     # seconds: parse_duration reads a bare number
+            timeout += wait_s
+        status, data = ctl.call(url, path, token, method="POST", timeout=timeout)
+    except ctl.AdminError as exc:
+        print(f"balancer: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    sys.stdout.write(ctl.render_action(args.command, data))
+    return EXIT_OK if status == 200 else EXIT_FAILURE
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if args.command == "run":
         sys.exit(_run(args.config))
     if args.command == "check":
         sys.exit(_check(args.config, args.quiet))
+    if args.command in ("status", "drain", "disable", "enable"):
+        sys.exit(_admin(args))
     sys.exit(EXIT_CONFIG)
 
 

@@ -139,6 +139,24 @@ class HealthChecker:
         if self._session is not None:
             self._start_task(backend.id)
 
+    async def remove(self, backend_id: str) -> None:
+        """Stop checking a backend (it left the configuration)."""
+        self._checks.pop(backend_id, None)
+        task = self._tasks.pop(backend_id, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    def set_policy(self, backend: Backend, policy: HealthPolicy) -> None:
+        """New check settings (reload); the backend keeps its current health and counters."""
+        entry = self._checks.get(backend.id)
+        if entry is None:
+            return
+        _, _, tracker, wake = entry
+        tracker.rise, tracker.fall = policy.rise, policy.fall
+        self._checks[backend.id] = (backend, policy, tracker, wake)
+        wake.set()
+
     def tracker(self, backend_id: str) -> HealthTracker | None:
         entry = self._checks.get(backend_id)
         return entry[2] if entry else None
@@ -189,6 +207,7 @@ class HealthChecker:
     async def _run(self, backend_id: str) -> None:
         backend, policy, tracker, wake = self._checks[backend_id]
         while True:
+            policy = self._checks[backend_id][1]     # may change on reload
             if not backend.alive:
                 wake.clear()
                 await wake.wait()

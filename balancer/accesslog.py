@@ -1,0 +1,179 @@
+"""The access log: one line per finished request, text or JSON, to stdout or a file.
+
+Off by default, and then it costs nothing: the app does not register the observer at all. On, the
+observer only appends the request's record to a deque (O(1), no formatting). A writer thread wakes
+every ``flush_interval_s``, formats what has accumulated and writes it in one call, so a slow disk or
+a blocked stdout pipe never stalls the event loop. If the writer falls behind by more than
+``max_pending`` records, new records are dropped and counted (``dropped``) rather than queued without
+bound.
+
+Text format (combined-log-like; the record has no Referer/User-Agent, so those two are left out)::
+
+    127.0.0.1 - - [21/Mar/2025:10:00:00.123 +0000] "GET /x?y=1" 200 1234 rid=9f...-0000002a route=default
+    pool=web backend=web/1 upstream_status=200 attempts=1 queue_ms=0.003 connect_ms=0.000 ttfb_ms=1.201
+    total_ms=1.377 error=-
+
+(on one line). JSON has the same fields, with an ISO 8601 ``time``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import IO
+
+from .record import RequestRecord
+
+log = logging.getLogger(__name__)
+
+_ESCAPES = {i: f"\\x{i:02x}" for i in (*range(0x20), 0x22, 0x5C, 0x7F)}
+_json_str = json.encoder.encode_basestring_ascii     # C-accelerated; adds the quotes
+
+
+class _Stamps:
+    """Time stamps, formatted once per second (strftime costs more than the rest of a line).
+
+    The cache is one tuple, replaced whole, so writer threads of several balancers may share it.
+    """
+
+    __slots__ = ("_cache",)
+
+    def __init__(self) -> None:
+        self._cache = (-1, "", "")
+
+    def _get(self, second: int) -> tuple[int, str, str]:
+        cache = self._cache
+        if cache[0] != second:
+            tm = time.gmtime(second)
+            cache = self._cache = (second, time.strftime("%d/%b/%Y:%H:%M:%S", tm),
+                                   time.strftime("%Y-%m-%dT%H:%M:%S", tm))
+        return cache
+
+    def clf(self, wall: float) -> str:
+        second = int(wall)
+        return f"{self._get(second)[1]}.{int((wall - second) * 1000):03d} +0000"
+
+    def iso(self, wall: float) -> str:
+        second = int(wall)
+        return f"{self._get(second)[2]}.{int((wall - second) * 1000):03d}Z"
+
+
+_stamps = _Stamps()
+
+
+def format_text(r: RequestRecord) -> str:
+    target = r.target.decode("latin-1").translate(_ESCAPES)
+    return (f'{r.client} - - [{_stamps.clf(r.wall)}] "{r.method} {target}" {r.status} {r.bytes_out} '
+            f"rid={r.request_id.decode('latin-1') or '-'} route={r.route or '-'} pool={r.pool or '-'} "
+            f"backend={r.backend or '-'} upstream_status={r.upstream_status or '-'} "
+            f"attempts={r.attempts} queue_ms={r.queue_s * 1000:.3f} connect_ms={r.connect_s * 1000:.3f} "
+            f"ttfb_ms={r.ttfb_s * 1000:.3f} total_ms={r.total_s * 1000:.3f} error={r.error or '-'}")
+
+
+def format_json(r: RequestRecord) -> str:
+    # Written out rather than json.dumps(dict): half the cost, and the key order is fixed.
+    return (f'{{"time":"{_stamps.iso(r.wall)}","client":{_json_str(r.client)},'
+            f'"method":{_json_str(r.method)},"target":{_json_str(r.target.decode("latin-1"))},'
+            f'"status":{r.status},"upstream_status":{r.upstream_status},"bytes_in":{r.bytes_in},'
+            f'"bytes_out":{r.bytes_out},"route":{_json_str(r.route)},"pool":{_json_str(r.pool)},'
+            f'"backend":{_json_str(r.backend)},"attempts":{r.attempts},"error":{_json_str(r.error)},'
+            f'"request_id":{_json_str(r.request_id.decode("latin-1"))},'
+            f'"queue_ms":{r.queue_s * 1000:.3f},"connect_ms":{r.connect_s * 1000:.3f},'
+            f'"ttfb_ms":{r.ttfb_s * 1000:.3f},"total_ms":{r.total_s * 1000:.3f}}}')
+
+
+FORMATTERS: dict[str, Callable[[RequestRecord], str]] = {"text": format_text, "json": format_json}
+
+
+class AccessLog:
+    """Owner calls :meth:`start` and :meth:`aclose`; :meth:`observe` is the proxy observer.
+
+    ``path`` None writes to ``stream`` (stdout by default); a path is opened for appending.
+    """
+
+    def __init__(self, fmt: str = "text", path: str | None = None, *, stream: IO[str] | None = None,
+                 flush_interval_s: float = 0.1, max_pending: int = 100_000) -> None:
+        self.format = FORMATTERS[fmt]
+        self.path = path
+        self._stream = stream
+        self._file: IO[str] | None = None
+        self.flush_interval_s = flush_interval_s
+        self.max_pending = max_pending
+        self._pending: deque[RequestRecord] = deque()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.written = 0
+        self.dropped = 0
+        self.write_errors = 0
+
+    def observe(self, record: RequestRecord) -> None:
+        if len(self._pending) < self.max_pending:
+            self._pending.append(record)
+        else:
+            self.dropped += 1
+
+    def start(self) -> None:
+        """Open the file (errors surface here, at start-up) and start the writer thread."""
+        if self.path is not None:
+            self._file = open(self.path, "a", encoding="utf-8")  # closed in aclose()
+        self._thread = threading.Thread(target=self._run, name="access-log", daemon=True)
+        self._thread.start()
+
+    def _out(self) -> IO[str]:
+        return self._file or self._stream or sys.stdout
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._wake.wait(self.flush_interval_s)
+            self._write_pending()
+        self._write_pending()
+
+    def _write_pending(self) -> None:
+        pending = self._pending
+        if not pending:
+            return
+        lines = []
+        fmt = self.format
+        # popleft is atomic against the event loop's append; stop at what was there when we began.
+        for _ in range(len(pending)):
+            lines.append(fmt(pending.popleft()))
+        lines.append("")
+        out = self._out()
+        try:
+            out.write("\n".join(lines))
+            out.flush()
+        except (OSError, ValueError) as exc:   # disk full, pipe closed, stream closed
+            if not self.write_errors:
+                log.error("access log: cannot write (%s); counting lost lines as dropped", exc)
+            self.write_errors += 1
+            self.dropped += len(lines) - 1
+            return
+        self.written += len(lines) - 1
+
+    async def aclose(self, timeout: float = 5.0) -> None:
+        """Write what is pending, stop the thread (waiting up to ``timeout``), close the file."""
+        thread = self._thread
+        if thread is not None:
+            self._stopping = True
+            self._wake.set()
+            await asyncio.to_thread(thread.join, timeout)
+            if thread.is_alive():
+                log.warning("access log writer still busy after %gs; %d lines pending", timeout,
+                            len(self._pending))
+                return
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self.dropped:
+            log.warning("access log dropped %d lines (writer too slow)", self.dropped)
+
+    def __repr__(self) -> str:
+        return (f"<AccessLog {self.path or 'stdout'} written={self.written} pending={len(self._pending)} "
+                f"dropped={self.dropped}>")

@@ -1,0 +1,84 @@
+"""Helpers shared by the observability tests: in-process worker apps and admin-API calls."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from backends.app import make_app
+
+
+@pytest.fixture
+async def backend_ports() -> AsyncIterator[Callable[[int], Awaitable[list[int]]]]:
+    """Start N in-process worker apps (ids b1..bN) on 127.0.0.1 port 0; return their ports."""
+    runners: list[web.AppRunner] = []
+
+    async def start(n: int) -> list[int]:
+        ports = []
+        for _ in range(n):
+            runner = web.AppRunner(make_app(f"b{len(runners) + 1}", 0), access_log=None)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            runners.append(runner)
+            ports.append(runner.addresses[0][1])
+        return ports
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+def config(ports: list[int], admin: str = "{host: 127.0.0.1, port: 0}", extra: str = "",
+           pool: str = "web") -> str:
+    servers = "\n".join(f"      - {{address: 127.0.0.1:{p}}}" for p in ports)
+    return f"""
+listen: {{host: 127.0.0.1, port: 0}}
+admin: {admin}
+pools:
+  {pool}:
+    servers:
+{servers}
+{extra}
+"""
+
+
+async def get(session: aiohttp.ClientSession, url: str, n: int = 1) -> list[int]:
+    """GET ``url`` ``n`` times in sequence, reading each body; return the statuses."""
+    statuses = []
+    for _ in range(n):
+        async with session.get(url) as resp:
+            await resp.read()
+            statuses.append(resp.status)
+    return statuses
+
+
+class AdminClient:
+    """The admin API of an in-process balancer."""
+
+    def __init__(self, session: aiohttp.ClientSession, balancer: Any, token: str | None = None) -> None:
+        self.session = session
+        self.base = f"http://127.0.0.1:{balancer.admin.bound_port}"
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    async def json(self, path: str, method: str = "GET", status: int = 200) -> Any:
+        async with self.session.request(method, self.base + path, headers=self.headers) as resp:
+            assert resp.status == status, (path, resp.status, await resp.text())
+            return await resp.json()
+
+    async def text(self, path: str) -> str:
+        async with self.session.get(self.base + path, headers=self.headers) as resp:
+            assert resp.status == 200, (path, resp.status)
+            return await resp.text()
+
+
+def backend_of(stats: Any, backend_id: str) -> Any:
+    for pool in stats["pools"].values():
+        for backend in pool["backends"]:
+            if backend["id"] == backend_id:
+                return backend
+    raise KeyError(backend_id)
