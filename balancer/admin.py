@@ -86,6 +86,8 @@ class Admin:
         app.router.add_get("/metrics", self.metrics_page)
         app.router.add_get("/slowlog", self.slowlog_page)
         app.router.add_post("/slowlog/reset", self.slowlog_reset)
+        app.router.add_post("/reload", self.reload)
+        app.router.add_post("/restart-workers", self.restart_workers)
         for action in ("drain", "disable", "enable"):
             app.router.add_post(f"/backends/{{pool}}/{{name}}/{action}", self.set_admin_state)
         return app
@@ -190,6 +192,33 @@ class Admin:
     async def slowlog_reset(self, request: web.Request) -> web.Response:
         self.slowlog.reset()
         return web.json_response({"reset": True})
+
+    async def reload(self, request: web.Request) -> web.Response:
+        """Re-read the configuration file; 400 with the reason (and nothing changed) if invalid.
+        ``?wait=30s`` waits for worker rollouts to finish."""
+        try:
+            changes = await self.balancer.reload_file()
+        except ConfigError as exc:
+            log.error("reload refused, still running on the old configuration: %s", exc)
+            return web.json_response({"reloaded": False, "error": str(exc)}, status=400)
+        done = await self._wait_rollouts(request)
+        return web.json_response({"reloaded": True, "changes": changes, "rollouts_done": done})
+
+    async def restart_workers(self, request: web.Request) -> web.Response:
+        """Replace every spawned worker surge-then-drain (e.g. after a code deploy)."""
+        changes = await self.balancer.restart_workers()
+        done = await self._wait_rollouts(request)
+        return web.json_response({"restarted": True, "changes": changes, "rollouts_done": done})
+
+    async def _wait_rollouts(self, request: web.Request) -> bool:
+        wait = request.query.get("wait")
+        if not wait:
+            return not self.balancer._rollouts
+        try:
+            seconds = parse_duration(wait)
+        except ConfigError as exc:
+            raise web.HTTPBadRequest(text=f"wait: {exc}\n") from None
+        return await self.balancer.wait_rollouts(seconds)
 
     async def set_admin_state(self, request: web.Request) -> web.Response:
         backend = self._find(request)

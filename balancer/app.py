@@ -11,58 +11,30 @@ import contextlib
 import logging
 import signal
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
-
-from aiohttp import web
 
 from .accesslog import AccessLog
 from .admin import Admin
-from .config import Config, PoolConfig
+from .config import Config, PoolConfig, load_config
+from .errors import ConfigError
 from .headers import TrustedProxies
-from .health import HealthChecker, HealthPolicy, SlowStart
+from .health import HealthChecker, SlowStart
 from .passive import PassiveHealth
-from .pool import PoolLimits, UpstreamPools
+from .pool import UpstreamPools
 from .proxy import PoolRuntime, Proxy
-from .registry import Backend, Registry
+from .registry import Backend, Registry, wait_drained
+from .reload import Reload
 from .routing import Route, Router
-from .selection import make_selector
 from .server import FrontDoor
-from .supervisor import RestartPolicy, Supervisor, WorkerSpec
+from .supervisor import RestartPolicy, Supervisor
+from .wiring import health_policy, pool_limits, pool_runtime, worker_spec
 
 log = logging.getLogger(__name__)
 
-# Idle upstream connections to our own workers are closed this long before the worker's keep-alive
-# would close them, so the backend never closes one under us (the keep-alive race).
-KEEPALIVE_MARGIN_S = 2.0
-EXTERNAL_IDLE_TIMEOUT_S = 15.0
 # On shutdown, how long idle keep-alive clients may still send one more request (answered with
 # `Connection: close`) before their connections are closed.
 KEEPALIVE_GRACE_S = 1.0
-
-
-def pool_limits(pool: PoolConfig) -> PoolLimits:
-    c = pool.connections
-    idle_timeout = c.idle_timeout_s
-    if idle_timeout is None:
-        if pool.spawn is not None:
-            keepalive = pool.spawn.keepalive_timeout_s
-            idle_timeout = max(keepalive - KEEPALIVE_MARGIN_S, keepalive / 2)
-        else:
-            idle_timeout = EXTERNAL_IDLE_TIMEOUT_S
-    return PoolLimits(max=c.max, max_idle=c.max_idle, min_idle=c.min_idle, idle_timeout_s=idle_timeout,
-                      max_requests=c.max_requests, max_lifetime_s=c.max_lifetime_s,
-                      acquire_timeout_s=c.acquire_timeout_s, connect_timeout_s=pool.timeouts.connect_s)
-
-
-def health_policy(pool: PoolConfig) -> HealthPolicy | None:
-    h = pool.health
-    if h is None:
-        # No section: checks on for spawned workers (defaults), off for external servers.
-        return HealthPolicy() if pool.spawn is not None else None
-    if not h.enabled:
-        return None
-    return HealthPolicy(path=h.path, interval_s=h.interval_s, timeout_s=h.timeout_s, rise=h.rise,
-                        fall=h.fall, expect=h.expect)
 
 
 @dataclass
@@ -82,34 +54,12 @@ class Balancer:
         # Passive health (live-traffic ejection) and slow start: see balancer/passive.py, health.py.
         self.passive = PassiveHealth(self.registry, self.health)
         self.slow_start = SlowStart(self.registry)
-        specs = [WorkerSpec(pool=p.name, command=p.spawn.command, count=p.spawn.count, env=p.spawn.env,
-                            cwd=p.spawn.cwd, start_timeout_s=p.spawn.start_timeout_s,
-                            keepalive_timeout_s=p.spawn.keepalive_timeout_s)
-                 for p in cfg.pools.values() if p.spawn is not None]
-        for p in cfg.pools.values():
-            backend_set = self.registry.pool(p.name)
-            for i, server in enumerate(p.servers, start=1):
-                backend_set.add(Backend(id=f"{p.name}/{server.address}" if server.address else
-                                        f"{p.name}/s{i}", pool=p.name, host=server.host,
-                                        port=server.port, weight=server.weight))
-        self.supervisor = Supervisor(self.registry, specs, policy=self.restart_policy,
-                                     echo_stderr=self.echo_worker_stderr)
+        self.supervisor = Supervisor(self.registry, [worker_spec(p) for p in cfg.pools.values() if p.spawn],
+                                     policy=self.restart_policy, echo_stderr=self.echo_worker_stderr)
+        self.supervisor.added_listeners.append(self.attach_backend)
         runtimes: dict[str, PoolRuntime] = {}
         for p in cfg.pools.values():
-            backend_set = self.registry.pool(p.name)
-            limits = pool_limits(p)
-            policy = health_policy(p)
-            for backend in backend_set:
-                self.upstream.add(backend.id, backend.host, backend.port, limits)
-                if policy is not None:
-                    self.health.add(backend, policy, start_healthy=not backend.spawned)
-            backend_set.subscribe(lambda b, ready: self.upstream.on_readiness(b.id, ready))
-            self.passive.add_pool(p.name, p.passive)
-            self.slow_start.add_pool(backend_set, p.slow_start_s)
-            runtimes[p.name] = PoolRuntime(
-                name=p.name, backends=backend_set, selector=make_selector(p.balance),
-                connect_timeout_s=p.timeouts.connect_s, response_timeout_s=p.timeouts.response_s,
-                read_timeout_s=p.timeouts.read_s, retries=p.retries)
+            runtimes[p.name] = self.setup_pool(p)
         self.registry.alive_listeners.append(self.health.on_alive_changed)
         self.registry.alive_listeners.append(self.passive.on_alive_changed)
         router = Router([Route(name=r.name, pool=r.pool, path_prefix=r.path_prefix.encode(),
@@ -125,14 +75,110 @@ class Balancer:
             self.proxy.observers.append(self.access_log.observe)
         self._web_server: FrontDoor | None = None
         self._shut_down = False
+        self._reload_lock = asyncio.Lock()
+        self._rollouts: set[asyncio.Task[None]] = set()
         self._listener: asyncio.Server | None = None
         self.stop_event = asyncio.Event()
+
+    # --- building pools and backends (start-up and reload) ----------------------------------------------
+
+    def setup_pool(self, p: PoolConfig) -> PoolRuntime:
+        """Registry entry, external servers, listeners and the proxy's runtime for one pool.
+        Spawned workers' backends already exist (the supervisor made them) and are attached here."""
+        backend_set = self.registry.pool(p.name)
+        for server in p.servers:
+            backend_set.add(Backend(id=f"{p.name}/{server.address}", pool=p.name, host=server.host,
+                                    port=server.port, weight=server.weight))
+        for backend in backend_set:
+            self.attach_backend(backend, p)
+        backend_set.subscribe(lambda b, ready: self.upstream.on_readiness(b.id, ready))
+        self.passive.add_pool(p.name, p.passive)
+        self.slow_start.add_pool(backend_set, p.slow_start_s)
+        return pool_runtime(p, backend_set)
+
+    def attach_backend(self, backend: Backend, p: PoolConfig | None = None) -> None:
+        """Give a backend its connection pool and (if configured) its health checks."""
+        p = p or self.config.pools[backend.pool]
+        self.upstream.add(backend.id, backend.host, backend.port, pool_limits(p))
+        policy = health_policy(p)
+        if policy is not None:
+            self.health.add(backend, policy, start_healthy=not backend.spawned)
+
+    async def detach_backend(self, backend: Backend) -> None:
+        """Undo attach_backend: close its connections, stop its checks."""
+        self.upstream.remove(backend.id)
+        await self.health.remove(backend.id)
 
     @property
     def port(self) -> int:
         """The data port actually bound (useful with ``listen.port: 0``)."""
         assert self._listener is not None
         return int(self._listener.sockets[0].getsockname()[1])
+
+    # --- reload -----------------------------------------------------------------------------------------
+
+    async def reload(self, config: Config) -> list[str]:
+        """Apply an already validated configuration in place (see :mod:`balancer.reload`)."""
+        async with self._reload_lock:
+            return await Reload(self, config).apply()
+
+    async def reload_file(self, path: str | None = None) -> list[str]:
+        """Read, validate and apply a configuration file (default: the one we run on). An invalid
+        file raises ConfigError and changes nothing."""
+        config = load_config(path or self.config.source)
+        return await self.reload(config)
+
+    async def restart_workers(self) -> list[str]:
+        """Replace every spawned worker surge-then-drain with the same settings (after a deploy)."""
+        started = []
+        for name, spec in self.supervisor.specs.items():
+            p = self.config.pools[name]
+            timeout = spec.start_timeout_s + 10 * (p.health.interval_s if p.health else 2.0)
+
+            async def drain(backend: Backend) -> None:
+                self.registry.drain(backend)
+                await wait_drained(backend, self.config.shutdown.drain_timeout_s)
+
+            self.start_rollout(self.supervisor.replace(name, spec, ready_timeout=timeout, drain=drain,
+                                                       stop_timeout=self.config.shutdown.worker_stop_timeout_s),
+                               f"restart workers of {name}")
+            started.append(f"pool {name}: workers replaced surge-then-drain")
+        return started
+
+    async def _reload_logged(self) -> None:
+        try:
+            await self.reload_file()
+        except ConfigError as exc:
+            log.error("reload refused, still running on the old configuration: %s", exc)
+
+    def start_rollout(self, work: Awaitable[object], name: str) -> None:
+        """Run a reload's slow part (worker replacement, draining) in the background, owned here:
+        shutdown cancels what is still running."""
+        async def run() -> None:
+            try:
+                await work
+            except Exception:
+                log.exception("%s failed", name)
+        task = asyncio.get_running_loop().create_task(run(), name=name)
+        self._rollouts.add(task)
+        task.add_done_callback(self._rollouts.discard)
+
+    async def wait_rollouts(self, timeout: float) -> bool:
+        """Wait until background rollouts are done (tests, `balancer reload --wait`)."""
+        if self._rollouts:
+            _, pending = await asyncio.wait(set(self._rollouts), timeout=timeout)
+            return not pending
+        return True
+
+    async def move_listener(self, host: str, port: int) -> None:
+        """Open the new data socket first, then close the old one."""
+        assert self._web_server is not None
+        loop = asyncio.get_running_loop()
+        new = await loop.create_server(self._web_server, host, port, reuse_address=True, backlog=1024)
+        old, self._listener = self._listener, new
+        if old is not None:
+            old.close()
+        log.info("balancer listening on http://%s:%d", host, self.port)
 
     # --- lifecycle -------------------------------------------------------------------------------------
 
@@ -150,7 +196,8 @@ class Balancer:
             self.access_log.start()
         limits = cfg.limits
         self._web_server = FrontDoor(
-            self.proxy.handle, header_timeout=cfg.timeouts.client_header_s, access_log=None,
+            self.proxy.handle, header_timeout=cfg.timeouts.client_header_s,
+            max_connections=limits.max_connections, access_log=None,
             auto_decompress=False, keepalive_timeout=cfg.timeouts.client_idle_s,
             # A client that goes away cancels its handler: the upstream request ends, its connection
             # is closed and its slot freed.
@@ -184,6 +231,10 @@ class Balancer:
             return
         self._shut_down = True
         cfg = self.config
+        # 0. Stop reload rollouts (worker replacements, drains) where they are.
+        for task in list(self._rollouts):
+            task.cancel()
+        await asyncio.gather(*self._rollouts, return_exceptions=True)
         # 1. Stop accepting new client connections.
         if self._listener is not None:
             self._listener.close()
@@ -235,8 +286,13 @@ class Balancer:
                 self.supervisor.kill_now()
                 raise SystemExit(1)
 
+        def on_hangup() -> None:
+            log.info("SIGHUP received: reloading %s", self.config.source)
+            self.start_rollout(self._reload_logged(), "reload on SIGHUP")
+
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, on_signal, signum)
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
         try:
             try:
                 await self.startup()
@@ -244,6 +300,6 @@ class Balancer:
             finally:
                 await self.shutdown()
         finally:
-            for signum in (signal.SIGTERM, signal.SIGINT):
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 with contextlib.suppress(Exception):
                     loop.remove_signal_handler(signum)

@@ -43,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
         if action == "drain":
             cmd.add_argument("--wait", metavar="DURATION",
                              help="wait up to this long (e.g. 30s) until nothing is in flight")
+    for action, text in (("reload", "re-read the configuration file of a running balancer and apply it"),
+                         ("restart-workers", "replace every spawned worker, surge-then-drain")):
+        cmd = sub.add_parser(action, help=text)
+        _admin_arguments(cmd)
+        cmd.add_argument("--wait", metavar="DURATION", default="60s",
+                         help="wait up to this long for worker rollouts (default 60s; 0 = do not wait)")
     return parser
 
 
@@ -127,6 +133,8 @@ def _admin(args: argparse.Namespace) -> int:
             text = json.dumps(stats, indent=2) + "\n" if args.json else ctl.render_status(stats, url)
             sys.stdout.write(text)
             return EXIT_OK
+        if args.command in ("reload", "restart-workers"):
+            return _control(url, token, args)
         path = ctl.backend_path(args.backend, args.command)
         timeout = ctl.TIMEOUT_S
         if getattr(args, "wait", None):
@@ -145,13 +153,37 @@ def _admin(args: argparse.Namespace) -> int:
     return EXIT_OK if status == 200 else EXIT_FAILURE
 
 
+def _control(url: str, token: str | None, args: argparse.Namespace) -> int:
+    """reload / restart-workers: print what changed; exit 1 if refused or a rollout did not finish."""
+    try:
+        wait_s = parse_duration(args.wait)
+    except ConfigError as exc:
+        print(f"balancer: --wait: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    query = f"?wait={wait_s:.3f}" if wait_s else ""
+    try:
+        _, data = ctl.call(url, f"/{args.command}{query}", token, method="POST",
+                           timeout=ctl.TIMEOUT_S + wait_s)
+    except ctl.AdminError as exc:
+        print(f"balancer: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    for change in data.get("changes", []):
+        print(change)
+    if not data.get("changes"):
+        print("no change")
+    if wait_s and not data.get("rollouts_done", True):
+        print(f"balancer: worker rollouts still running after {args.wait}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if args.command == "run":
         sys.exit(_run(args.config))
     if args.command == "check":
         sys.exit(_check(args.config, args.quiet))
-    if args.command in ("status", "drain", "disable", "enable"):
+    if args.command in ("status", "drain", "disable", "enable", "reload", "restart-workers"):
         sys.exit(_admin(args))
     sys.exit(EXIT_CONFIG)
 

@@ -162,6 +162,10 @@ class BackendSet:
         if backend.is_ready:
             self._rebuild()
 
+    def touch(self) -> None:
+        """Rebuild the snapshot (pickers see a new version) without a readiness change."""
+        self._rebuild()
+
     def _rebuild(self) -> None:
         self.ready = tuple(b for b in self._backends.values() if b.is_ready)
         self.version += 1
@@ -232,6 +236,16 @@ class Registry:
     def reweigh(self, backend: Backend, effective_weight: float) -> None:
         """Slow start: the weight pickers use, between 10 % and 100 % of ``backend.weight``."""
         self.pool(backend.pool).reweigh(backend, effective_weight)
+
+    def set_weight(self, backend: Backend, weight: int) -> None:
+        """Configuration (reload): a new weight; 0 takes the backend out of rotation."""
+        backend_set = self.pool(backend.pool)
+
+        def change(b: Backend) -> None:
+            b.weight = weight
+        backend_set.update(backend, change)
+        backend_set.reweigh(backend, float(weight))
+        backend_set.touch()
 
     def set_admin(self, backend: Backend, admin: AdminState) -> None:
         """Operator: enable, drain or disable."""

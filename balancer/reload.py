@@ -1,0 +1,207 @@
+"""Applying a new configuration to a running balancer without failing a request.
+
+Theory of operation
+-------------------
+The new file has been read and validated before we get here (an invalid one never reaches this
+module: the old configuration stays, as with ``nginx -s reload``). The change is then applied in place,
+in an order that keeps every request answerable:
+
+1. new pools and new backends are added first (and, for spawned pools, their workers started);
+2. pools that stay get their new settings: a fresh :class:`PoolRuntime` (selector, timeouts,
+   retries) swapped into the proxy's table, new connection limits, health policy, passive policy;
+3. the router and client-side settings are swapped (a request in flight keeps the objects it holds);
+4. what went away is drained -- no new requests, in-flight ones finish (bounded by
+   ``shutdown.drain_timeout``) -- and only then closed, its workers stopped;
+5. spawned pools whose command, environment or keep-alive changed are replaced surge-then-drain
+   (start a new worker, wait until it passes its checks, drain and stop an old one), in a background
+   rollout so the reload call returns at once; a count change adds or drains workers the same way.
+
+A listen address change opens the new socket before closing the old one. ``workers`` changes need a
+restart (reported, not applied).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from .headers import TrustedProxies
+from .models import Config, PoolConfig
+from .registry import Backend, wait_drained
+from .routing import Route, Router
+from .supervisor import Worker
+from .wiring import health_policy, pool_limits, pool_runtime, worker_spec
+
+if TYPE_CHECKING:
+    from .app import Balancer
+
+log = logging.getLogger(__name__)
+
+
+def router_for(config: Config) -> Router:
+    return Router([Route(name=r.name, pool=r.pool, path_prefix=r.path_prefix.encode(),
+                         host=r.host.encode() if r.host else None) for r in config.routes])
+
+
+def _spawn_identity(p: PoolConfig) -> object:
+    """What makes a spawned worker different (everything but the count)."""
+    return None if p.spawn is None else replace(p.spawn, count=0)
+
+
+class Reload:
+    """One reload: compare ``old`` and ``new`` and apply the difference to ``balancer``."""
+
+    def __init__(self, balancer: Balancer, new: Config) -> None:
+        self.b = balancer
+        self.old = balancer.config
+        self.new = new
+        self.changes: list[str] = []
+        self._retired: list[Backend] = []
+
+    async def apply(self) -> list[str]:
+        b, old, new = self.b, self.old, self.new
+        if new.workers != old.workers:
+            self.changes.append(f"workers {old.workers} -> {new.workers}: needs a restart, not applied")
+        b.config = new          # attach_backend() reads pool settings from here
+        for name, p in new.pools.items():
+            if name not in old.pools:
+                self._add_pool(p)
+            else:
+                await self._update_pool(old.pools[name], p)
+        # 3. Routing and client-side settings; requests in flight keep what they hold.
+        b.proxy.router = router_for(new)
+        b.proxy.trusted = TrustedProxies(new.trusted_proxies)
+        b.proxy.limits = new.limits
+        if new.routes != old.routes:
+            self.changes.append("routes replaced")
+        if new.listen != old.listen:
+            await b.move_listener(new.listen.host, new.listen.port)
+            self.changes.append(f"listen moved to {new.listen.host}:{new.listen.port}")
+        # 4. Whatever left: drain, then close.
+        for name in old.pools:
+            if name not in new.pools:
+                await self._remove_pool(name)
+        self._drain_and_detach(self._retired)
+        log.info("configuration reloaded from %s: %s", new.source, "; ".join(self.changes) or "no change")
+        return self.changes
+
+    # --- pools ---------------------------------------------------------------------------------------
+
+    def _add_pool(self, p: PoolConfig) -> None:
+        b = self.b
+        if p.spawn is not None:
+            b.supervisor.specs[p.name] = spec = worker_spec(p)
+            for _ in range(spec.count):
+                b.supervisor.add_worker(spec)
+        b.proxy.pools[p.name] = b.setup_pool(p)
+        self.changes.append(f"pool {p.name} added")
+
+    async def _remove_pool(self, name: str) -> None:
+        """Drain every backend of a pool that left the configuration, then forget the pool."""
+        b = self.b
+        b.proxy.pools.pop(name, None)          # unreachable already: the new router has no route to it
+        workers = list(b.supervisor.pool_workers(name))
+        servers = [x for x in b.registry.pool(name) if not x.spawned]
+
+        async def remove() -> None:
+            await asyncio.gather(*(self._retire_worker(w) for w in workers),
+                                 *(self._drain_then_detach(x) for x in servers))
+            b.registry.pools.pop(name, None)
+            b.supervisor.specs.pop(name, None)
+
+        b.start_rollout(remove(), f"remove pool {name}")
+        self.changes.append(f"pool {name} removed (draining)")
+
+    async def _retire_worker(self, worker: Worker) -> None:
+        b = self.b
+        b.registry.drain(worker.backend)
+        await wait_drained(worker.backend, b.config.shutdown.drain_timeout_s)
+        await b.supervisor.retire(worker, b.config.shutdown.worker_stop_timeout_s)
+
+    async def _update_pool(self, old: PoolConfig, new: PoolConfig) -> None:
+        b = self.b
+        backend_set = b.registry.pool(new.name)
+        # External servers: add new, reweigh kept, drain removed.
+        old_servers = {s.address: s for s in old.servers}
+        new_servers = {s.address: s for s in new.servers}
+        for address, server in new_servers.items():
+            backend_id = f"{new.name}/{address}"
+            if address not in old_servers:
+                backend = Backend(id=backend_id, pool=new.name, host=server.host, port=server.port,
+                                  weight=server.weight)
+                backend_set.add(backend)
+                b.attach_backend(backend, new)
+                self.changes.append(f"{backend_id} added")
+            elif server.weight != old_servers[address].weight:
+                kept = backend_set.get(backend_id)
+                if kept is not None:
+                    b.registry.set_weight(kept, server.weight)
+                    self.changes.append(f"{backend_id} weight {old_servers[address].weight} -> "
+                                        f"{server.weight}")
+        for address in old_servers.keys() - new_servers.keys():
+            gone = backend_set.get(f"{new.name}/{address}")
+            if gone is not None:
+                self._retired.append(gone)
+                self.changes.append(f"{gone.id} removed (draining)")
+        # Settings of every backend that stays: connection limits and health checks.
+        limits, policy = pool_limits(new), health_policy(new)
+        if limits != pool_limits(old) or policy != health_policy(old):
+            for backend in backend_set:
+                pool = b.upstream.get(backend.id)
+                if pool is not None:
+                    pool.limits = limits
+                if policy is not None and b.health.is_checked(backend):
+                    b.health.set_policy(backend, policy)
+                elif policy is not None:
+                    b.health.add(backend, policy, start_healthy=backend.healthy)
+                elif b.health.is_checked(backend):
+                    await b.health.remove(backend.id)
+                    b.registry.set_healthy(backend, True, "")
+            self.changes.append(f"pool {new.name}: connection or health settings changed")
+        if new.passive != old.passive:
+            b.passive.add_pool(new.name, new.passive)
+        # The runtime: selector, timeouts, retries.
+        b.proxy.pools[new.name] = pool_runtime(new, backend_set)
+        if (new.balance, new.timeouts, new.retries) != (old.balance, old.timeouts, old.retries):
+            self.changes.append(f"pool {new.name}: balance/timeouts/retries applied")
+        self._update_spawn(old, new)
+
+    def _update_spawn(self, old: PoolConfig, new: PoolConfig) -> None:
+        b = self.b
+        if new.spawn is None:
+            for worker in list(b.supervisor.pool_workers(new.name)):
+                b.start_rollout(self._retire_worker(worker), f"retire {worker.id}")
+            if old.spawn is not None:
+                self.changes.append(f"pool {new.name}: spawned workers removed (draining)")
+            return
+        spec = worker_spec(new)
+        timeout = new.spawn.start_timeout_s + 10 * (new.health.interval_s if new.health else 2.0)
+        if old.spawn is None or _spawn_identity(old) != _spawn_identity(new):
+            b.start_rollout(b.supervisor.replace(new.name, spec, ready_timeout=timeout, drain=self._drain,
+                                                 stop_timeout=new.spawn.start_timeout_s),
+                            f"replace workers of {new.name}")
+            self.changes.append(f"pool {new.name}: workers replaced surge-then-drain")
+        elif old.spawn.count != new.spawn.count:
+            b.start_rollout(b.supervisor.scale(new.name, spec, ready_timeout=timeout, drain=self._drain,
+                                               stop_timeout=new.spawn.start_timeout_s),
+                            f"scale {new.name}")
+            self.changes.append(f"pool {new.name}: workers {old.spawn.count} -> {new.spawn.count}")
+
+    async def _drain(self, backend: Backend) -> None:
+        self.b.registry.drain(backend)
+        await wait_drained(backend, self.b.config.shutdown.drain_timeout_s)
+
+    async def _drain_then_detach(self, backend: Backend) -> None:
+        b = self.b
+        await self._drain(backend)
+        backend_set = b.registry.pool(backend.pool)
+        if backend_set.get(backend.id) is not None:
+            backend_set.remove(backend.id)
+        await b.detach_backend(backend)
+
+    def _drain_and_detach(self, backends: list[Backend]) -> None:
+        if backends:
+            self.b.start_rollout(asyncio.gather(*(self._drain_then_detach(x) for x in backends)),
+                                 "drain removed backends")

@@ -1,0 +1,57 @@
+"""How configuration becomes the settings of each part (pool limits, health policy, worker spec,
+the proxy's per-pool runtime). Pure functions, shared by start-up (:mod:`balancer.app`) and reload
+(:mod:`balancer.reload`).
+"""
+
+from __future__ import annotations
+
+from .health import HealthPolicy
+from .models import PoolConfig
+from .pool import PoolLimits
+from .proxy import PoolRuntime
+from .registry import BackendSet
+from .selection import make_selector
+from .supervisor import WorkerSpec
+
+# Idle upstream connections to our own workers are closed this long before the worker's keep-alive
+# would close them, so the backend never closes one under us (the keep-alive race).
+KEEPALIVE_MARGIN_S = 2.0
+EXTERNAL_IDLE_TIMEOUT_S = 15.0
+
+
+def pool_limits(pool: PoolConfig) -> PoolLimits:
+    c = pool.connections
+    idle_timeout = c.idle_timeout_s
+    if idle_timeout is None:
+        if pool.spawn is not None:
+            keepalive = pool.spawn.keepalive_timeout_s
+            idle_timeout = max(keepalive - KEEPALIVE_MARGIN_S, keepalive / 2)
+        else:
+            idle_timeout = EXTERNAL_IDLE_TIMEOUT_S
+    return PoolLimits(max=c.max, max_idle=c.max_idle, min_idle=c.min_idle, idle_timeout_s=idle_timeout,
+                      max_requests=c.max_requests, max_lifetime_s=c.max_lifetime_s,
+                      acquire_timeout_s=c.acquire_timeout_s, connect_timeout_s=pool.timeouts.connect_s)
+
+
+def worker_spec(p: PoolConfig) -> WorkerSpec:
+    assert p.spawn is not None
+    return WorkerSpec(pool=p.name, command=p.spawn.command, count=p.spawn.count, env=p.spawn.env,
+                      cwd=p.spawn.cwd, start_timeout_s=p.spawn.start_timeout_s,
+                      keepalive_timeout_s=p.spawn.keepalive_timeout_s)
+
+
+def pool_runtime(p: PoolConfig, backend_set: BackendSet) -> PoolRuntime:
+    return PoolRuntime(name=p.name, backends=backend_set, selector=make_selector(p.balance),
+                       connect_timeout_s=p.timeouts.connect_s, response_timeout_s=p.timeouts.response_s,
+                       read_timeout_s=p.timeouts.read_s, retries=p.retries)
+
+
+def health_policy(pool: PoolConfig) -> HealthPolicy | None:
+    h = pool.health
+    if h is None:
+        # No section: checks on for spawned workers (defaults), off for external servers.
+        return HealthPolicy() if pool.spawn is not None else None
+    if not h.enabled:
+        return None
+    return HealthPolicy(path=h.path, interval_s=h.interval_s, timeout_s=h.timeout_s, rise=h.rise,
+                        fall=h.fall, expect=h.expect)
