@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import time
@@ -296,6 +297,8 @@ class Balancer:
         try:
             try:
                 await self.startup()
+                gc.collect()
+                gc.freeze()      # start-up objects live forever: keep them out of every collection
                 await self.stop_event.wait()
             finally:
                 await self.shutdown()

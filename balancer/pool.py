@@ -48,7 +48,7 @@ class PoolLimits:
     """Per-backend limits; ``None``/0 where the docstring says unlimited."""
 
     max: int = 0                          # connections in use + idle; 0 = unlimited
-    max_idle: int = 32
+    max_idle: int = 32                    # idle connections kept beyond a burst (trimmed by the reaper)
     min_idle: int = 0
     idle_timeout_s: float | None = 15.0
     max_requests: int = 1000              # 0 = unlimited
@@ -76,6 +76,9 @@ class PoolStats:
     def reset(self) -> None:
         self.__init__()  # type: ignore[misc]
 
+
+# Idle connections beyond `max_idle` are closed once unused for this long (by the reaper).
+SURPLUS_GRACE_S = 1.0
 
 # A connection to close and the reason to count it under.
 Closing = tuple[UpstreamConnection, str]
@@ -149,23 +152,27 @@ class ConnectionPool:
             return "error" if conn.state is not ConnState.CLOSED else (conn.close_reason or "backend_close")
         if self._closed or not self.accepting:
             return "pool_closed"
-        reason = self._expiry(conn, now)
-        if reason is not None:
-            return reason
-        if not self._waiters and len(self._idle) >= self.limits.max_idle:
-            return "surplus"
-        return None
+        return self._expiry(conn, now)
 
-    def reap(self, now: float) -> list[tuple[UpstreamConnection, str]]:
-        """Remove expired idle connections; return them with their reason (the shell closes them)."""
+    def reap(self, now: float) -> list[Closing]:
+        """Remove expired idle connections, and the least recently used ones beyond ``max_idle`` that
+        have sat unused for ``SURPLUS_GRACE_S``; return them with their reason (the shell closes them).
+
+        Trimming here rather than on release is the hysteresis that matters under load: a burst that
+        releases many connections at once does not close them only to open new ones a moment later.
+        """
         keep: list[UpstreamConnection] = []
-        expired: list[tuple[UpstreamConnection, str]] = []
+        expired: list[Closing] = []
         for conn in self._idle:
             reason = self._expiry(conn, now)
             if reason is None:
                 keep.append(conn)
             else:
                 expired.append((conn, reason))
+        surplus = len(keep) - self.limits.max_idle
+        while surplus > 0 and now - keep[0].idle_since >= SURPLUS_GRACE_S:   # bottom = least recent
+            expired.append((keep.pop(0), "surplus"))
+            surplus -= 1
         self._idle = keep
         return expired
 

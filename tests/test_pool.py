@@ -185,13 +185,19 @@ async def test_reaper_and_close_idle() -> None:
 
 
 async def test_min_idle_is_opened_ahead_and_max_idle_caps_the_stack() -> None:
-    """top_up opens `min_idle` connections; beyond `max_idle` released connections are closed."""
-    pool, opened = make_pool(FakeClock(), min_idle=2, max_idle=2)
+    """top_up opens `min_idle` connections; idle ones beyond `max_idle` are trimmed once unused."""
+    clock = FakeClock()
+    pool, opened = make_pool(clock, min_idle=2, max_idle=2)
     await pool.top_up()
     assert pool.idle == 2 and len(opened) == 2
     conns = [await pool.acquire() for _ in range(3)]
     for conn in conns:
         pool.release(finish(conn))
+    assert pool.idle == 3                   # a burst's connections are kept for a moment ...
+    pool.run_reaper()
+    assert pool.idle == 3
+    clock.now += 2                          # ... and the surplus, unused for a while, trimmed
+    pool.run_reaper()
     assert pool.idle == 2 and pool.stats.closed["surplus"] == 1
 
 

@@ -7,7 +7,6 @@ import contextlib
 import re
 import signal
 import urllib.request
-from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from backends.app import make_app
 from balancer.config import parse_config
 from balancer.errors import ConfigError
 from tests.conftest import async_wait_until, wait_until
+from tests.load import Load
 
 
 @pytest.fixture
@@ -45,38 +45,6 @@ async def backends() -> AsyncIterator[Callable[[int], Awaitable[list[int]]]]:
 def servers(*ports: int, weights: dict[int, int] | None = None) -> str:
     weights = weights or {}
     return ", ".join(f"{{address: 127.0.0.1:{p}, weight: {weights.get(p, 1)}}}" for p in ports)
-
-
-class Load:
-    """A bounded client loop: N concurrent keep-alive GET loops until stopped; counts outcomes."""
-
-    def __init__(self, url: str, concurrency: int = 4, path: str = "/") -> None:
-        self.url = url + path
-        self.ok = 0
-        self.failures: Counter[str] = Counter()
-        self.backends: Counter[str] = Counter()
-        self._stop = asyncio.Event()
-        self._tasks = [asyncio.create_task(self._loop()) for _ in range(concurrency)]
-
-    async def _loop(self) -> None:
-        async with aiohttp.ClientSession() as session:
-            for _ in range(100000):
-                if self._stop.is_set():
-                    return
-                try:
-                    async with session.get(self.url) as resp:
-                        await resp.read()
-                        if resp.status == 200:
-                            self.ok += 1
-                            self.backends[resp.headers.get("X-Backend", "?")] += 1
-                        else:
-                            self.failures[f"status {resp.status}"] += 1
-                except aiohttp.ClientError as exc:
-                    self.failures[type(exc).__name__] += 1
-
-    async def stop(self) -> None:
-        self._stop.set()
-        await asyncio.gather(*self._tasks)
 
 
 async def test_servers_added_reweighted_and_removed_under_load(backends: Any, balancer_factory: Any) -> None:
