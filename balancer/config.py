@@ -632,6 +632,7 @@ _CONNECTIONS: Schema = {
     "idle_timeout": ("idle_timeout_s", _duration(positive=True)),
     "max_requests": ("max_requests", _integer(0)), "max_lifetime": ("max_lifetime_s", _duration()),
     "acquire_timeout": ("acquire_timeout_s", _duration(positive=True)),
+    "max_waiting": ("max_waiting", _integer(0)),
 }
 _POOL: Schema = {
     "balance": ("balance", _choice(*BALANCE_POLICIES)), "spawn": ("spawn", _section(SpawnConfig, _SPAWN)),

@@ -55,6 +55,10 @@ class PoolTimeout(UpstreamError):
     """Waited ``connections.acquire_timeout`` for a free connection slot (503 + Retry-After)."""
 
 
+class PoolQueueFull(PoolTimeout):
+    """``connections.max_waiting`` requests already queue for the backend: refused at once (503)."""
+
+
 class UpstreamConnectError(UpstreamError):
     """TCP connect refused, reset or unreachable (502)."""
 

@@ -153,6 +153,7 @@ class ConnectionsConfig:
     max_requests: int = 1000
     max_lifetime_s: float = 3600.0
     acquire_timeout_s: float = 5.0
+    max_waiting: int = 0                 # requests queued for a connection at `max`; 0 = unlimited
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import PoolTimeout, UpstreamConnectError, UpstreamConnectTimeout
+from .errors import PoolQueueFull, PoolTimeout, UpstreamConnectError, UpstreamConnectTimeout
 from .upstream import ConnState, UpstreamConnection
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ class PoolLimits:
     max_lifetime_s: float = 3600.0        # 0 = unlimited
     acquire_timeout_s: float = 5.0
     connect_timeout_s: float = 3.0
+    max_waiting: int = 0                  # queue length at `max`; 0 = unlimited (time-bounded only)
 
 
 class PoolStats:
@@ -197,6 +198,9 @@ class ConnectionPool:
         if conn is not None:
             return self._lease(conn, 0.0)
         if not self._can_open() or self._waiters:
+            if self.limits.max_waiting and self.waiting >= self.limits.max_waiting:
+                raise PoolQueueFull(f"{self.waiting} requests already waiting for {self.host}:{self.port} "
+                                    f"(max_waiting {self.limits.max_waiting})")
             started = self._clock()
             conn = await self._wait_for_slot()
             waited = self._clock() - started

@@ -30,6 +30,7 @@ from aiohttp.http_parser import RawRequestMessage
 from .errors import (
     BodyTooLarge,
     NoBackendAvailable,
+    PoolQueueFull,
     PoolTimeout,
     UpstreamClosed,
     UpstreamConnectError,
@@ -55,6 +56,7 @@ log = logging.getLogger(__name__)
 FAILURES: dict[type[UpstreamError], tuple[int, str]] = {
     NoBackendAvailable: (503, "no_backend"),
     PoolTimeout: (503, "pool_timeout"),
+    PoolQueueFull: (503, "queue_full"),
     UpstreamConnectError: (502, "connect_error"),
     UpstreamConnectTimeout: (504, "connect_timeout"),
     UpstreamResponseTimeout: (504, "response_timeout"),

@@ -30,7 +30,8 @@ def pool_limits(pool: PoolConfig) -> PoolLimits:
             idle_timeout = EXTERNAL_IDLE_TIMEOUT_S
     return PoolLimits(max=c.max, max_idle=c.max_idle, min_idle=c.min_idle, idle_timeout_s=idle_timeout,
                       max_requests=c.max_requests, max_lifetime_s=c.max_lifetime_s,
-                      acquire_timeout_s=c.acquire_timeout_s, connect_timeout_s=pool.timeouts.connect_s)
+                      acquire_timeout_s=c.acquire_timeout_s, connect_timeout_s=pool.timeouts.connect_s,
+                      max_waiting=c.max_waiting)
 
 
 def worker_spec(p: PoolConfig) -> WorkerSpec:

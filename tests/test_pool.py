@@ -311,3 +311,17 @@ pools:
             (await slow).close()
     finally:
         await runner.cleanup()
+
+
+async def test_bounded_queue_refuses_at_once() -> None:
+    """With max_waiting reached, a further acquire is refused immediately (no unbounded queue)."""
+    from balancer.errors import PoolQueueFull
+    pool, _ = make_pool(FakeClock(), max=1, max_waiting=1, acquire_timeout_s=5)
+    held = await pool.acquire()
+    waiter = asyncio.create_task(pool.acquire())
+    await asyncio.sleep(0)
+    with pytest.raises(PoolQueueFull):
+        await pool.acquire()
+    pool.release(finish(held))
+    pool.release(finish(await waiter))
+    assert pool.in_use == 0 and pool.waiting == 0
