@@ -14,16 +14,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import signal
-import subprocess
-import tempfile
-import threading
 import time
-from pathlib import Path
 
 import aiohttp
-from overload import rss_mib  # type: ignore[import-not-found]
-from pool_reuse import ROOT, free_port, wait_ready  # type: ignore[import-not-found]
+from common import RssSampler, balancer, free_port  # type: ignore[import-not-found]
 
 UNITS = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
 
@@ -76,37 +70,15 @@ def main() -> None:
     port = free_port()
     config = (f"listen: {{host: 127.0.0.1, port: {port}}}\n"
               "pools:\n  web:\n    spawn: {command: [python, -m, backends], count: 1}\n")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "balancer.yaml"
-        path.write_text(config)
-        proc = subprocess.Popen([str(ROOT / ".venv/bin/balancer"), "run", "-c", str(path)], cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        peak = [0.0]
-        stop = threading.Event()
-
-        def sample() -> None:
-            while not stop.is_set():
-                peak[0] = max(peak[0], rss_mib(proc.pid))
-                stop.wait(0.05)
-
-        try:
-            wait_ready(port, time.monotonic() + 30)
-            idle = rss_mib(proc.pid)
-            sampler = threading.Thread(target=sample, daemon=True)
-            sampler.start()
-            result = asyncio.run(transfer(port, size))
-            stop.set()
-            sampler.join()
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
+    with balancer(config, port) as proc, RssSampler(proc.pid) as rss:
+        result = asyncio.run(transfer(port, size))
     mib = size / (1 << 20)
     print(f"size            {args.size} ({size} bytes)")
     print(f"download        {'intact' if result['download_ok'] else 'WRONG LENGTH'}, "
           f"{mib / float(result['download_s']):.0f} MiB/s")
     print(f"upload          {'intact (sha256)' if result['upload_ok'] else 'CORRUPT'}, "
           f"{mib / float(result['upload_s']):.0f} MiB/s")
-    print(f"balancer RSS    idle {idle:.1f} MiB, peak {peak[0]:.1f} MiB")
+    print(f"balancer RSS    idle {rss.idle:.1f} MiB, peak {rss.peak:.1f} MiB")
 
 
 if __name__ == "__main__":

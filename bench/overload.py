@@ -15,22 +15,10 @@ from __future__ import annotations
 import argparse
 import re
 import resource
-import signal
 import subprocess
-import tempfile
-import threading
-import time
 import urllib.request
-from pathlib import Path
 
-from pool_reuse import ROOT, free_port, wait_ready  # type: ignore[import-not-found]
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+from common import RssSampler, balancer, free_port  # type: ignore[import-not-found]
 
 
 def main() -> None:
@@ -46,34 +34,12 @@ def main() -> None:
     config = (f"listen: {{host: 127.0.0.1, port: {port}}}\n"
               f"limits: {{max_connections: {args.max_connections}}}\n"
               "pools:\n  web:\n    spawn: {command: [python, -m, backends], count: 4}\n")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "balancer.yaml"
-        path.write_text(config)
-        proc = subprocess.Popen([str(ROOT / ".venv/bin/balancer"), "run", "-c", str(path)], cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        peak = [0.0]
-        stop = threading.Event()
-
-        def sample() -> None:
-            while not stop.is_set():
-                peak[0] = max(peak[0], rss_mib(proc.pid))
-                stop.wait(0.1)
-
-        try:
-            wait_ready(port, time.monotonic() + 30)
-            idle_rss = rss_mib(proc.pid)
-            sampler = threading.Thread(target=sample, daemon=True)
-            sampler.start()
-            out = subprocess.run(["wrk", "-t1", f"-c{args.connections}", f"-d{args.duration}s",
-                                  "--timeout", "10s", "--latency", f"http://127.0.0.1:{port}{args.path}"],
-                                 capture_output=True, text=True, check=True).stdout
-            stop.set()
-            sampler.join()
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as resp:
-                still_serving = resp.status == 200
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
+    with balancer(config, port) as proc, RssSampler(proc.pid, 0.1) as rss:
+        out = subprocess.run(["wrk", "-t1", f"-c{args.connections}", f"-d{args.duration}s",
+                              "--timeout", "10s", "--latency", f"http://127.0.0.1:{port}{args.path}"],
+                             capture_output=True, text=True, check=True).stdout
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as resp:
+            still_serving = resp.status == 200
     requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     sockets = re.search(r"Socket errors: (.*)", out)
@@ -83,7 +49,7 @@ def main() -> None:
     print(f"non-2xx         {non2xx.group(1) if non2xx else 0}")
     print(f"socket errors   {sockets.group(1) if sockets else 'none'}")
     print(f"latency p99     {p99.group(1) if p99 else '?'}")
-    print(f"RSS             idle {idle_rss:.1f} MiB, peak {peak[0]:.1f} MiB")
+    print(f"RSS             idle {rss.idle:.1f} MiB, peak {rss.peak:.1f} MiB")
     print(f"serving after   {'yes' if still_serving else 'NO'}")
 
 

@@ -16,31 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 import urllib.request
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-CLK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK
+from common import balancer, cpu_seconds, free_port  # type: ignore[import-not-found]
 
 
 def stats(admin: int) -> dict:
@@ -57,16 +39,6 @@ def pool_totals(data: dict) -> tuple[int, int]:
     return created, reused
 
 
-def wait_ready(port: int, deadline: float) -> None:
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit("balancer did not answer in time")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=int, default=10)
@@ -78,27 +50,15 @@ def main() -> None:
     port, admin = free_port(), free_port()
     config = (f"listen: {{host: 127.0.0.1, port: {port}}}\nadmin: {{host: 127.0.0.1, port: {admin}}}\n"
               f"pools:\n  web:\n    spawn: {{command: [python, -m, backends], count: {args.workers}}}\n")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "balancer.yaml"
-        path.write_text(config)
-        log = open(Path(tmp) / "balancer.log", "wb")
-        proc = subprocess.Popen([str(ROOT / ".venv/bin/balancer"), "run", "-c", str(path)], cwd=ROOT,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            wait_ready(port, time.monotonic() + 30)
-            subprocess.run(["wrk", "-t1", f"-c{args.connections}", "-d2s", f"http://127.0.0.1:{port}/"],
-                           capture_output=True, check=True)            # warm-up
-            created0, reused0 = pool_totals(stats(admin))
-            cpu0 = cpu_seconds(proc.pid)
-            out = subprocess.run(["wrk", "-t1", f"-c{args.connections}", f"-d{args.duration}s",
-                                  f"http://127.0.0.1:{port}/"], capture_output=True, text=True,
-                                 check=True).stdout
-            cpu1 = cpu_seconds(proc.pid)
-            created1, reused1 = pool_totals(stats(admin))
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
-            log.close()
+    with balancer(config, port) as proc:
+        subprocess.run(["wrk", "-t1", f"-c{args.connections}", "-d2s", f"http://127.0.0.1:{port}/"],
+                       capture_output=True, check=True)            # warm-up
+        created0, reused0 = pool_totals(stats(admin))
+        cpu0 = cpu_seconds(proc.pid)
+        out = subprocess.run(["wrk", "-t1", f"-c{args.connections}", f"-d{args.duration}s",
+                              f"http://127.0.0.1:{port}/"], capture_output=True, text=True, check=True).stdout
+        cpu1 = cpu_seconds(proc.pid)
+        created1, reused1 = pool_totals(stats(admin))
     requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     errors = re.findall(r"(Non-2xx or 3xx responses: \d+|Socket errors: .*)", out)

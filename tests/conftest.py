@@ -101,6 +101,30 @@ async def balancer_factory() -> AsyncIterator[Callable[..., Awaitable[Any]]]:
         await balancer.shutdown()
 
 
+@pytest.fixture
+async def backend_ports() -> AsyncIterator[Callable[[int], Awaitable[list[int]]]]:
+    """Start N in-process worker apps (ids b1..bN, in start order) on 127.0.0.1 port 0; their ports."""
+    from aiohttp import web
+
+    from backends.app import make_app
+
+    runners: list[web.AppRunner] = []
+
+    async def start(n: int) -> list[int]:
+        ports = []
+        for _ in range(n):
+            runner = web.AppRunner(make_app(f"b{len(runners) + 1}", 0), access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+            runners.append(runner)
+            ports.append(int(runner.addresses[0][1]))
+        return ports
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
 class BalancerProcess:
     """``balancer run -c FILE`` as a real subprocess (for signal and process-tree tests)."""
 

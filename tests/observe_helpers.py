@@ -2,35 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
-import pytest
-from aiohttp import web
-
-from backends.app import make_app
-
-
-@pytest.fixture
-async def backend_ports() -> AsyncIterator[Callable[[int], Awaitable[list[int]]]]:
-    """Start N in-process worker apps (ids b1..bN) on 127.0.0.1 port 0; return their ports."""
-    runners: list[web.AppRunner] = []
-
-    async def start(n: int) -> list[int]:
-        ports = []
-        for _ in range(n):
-            runner = web.AppRunner(make_app(f"b{len(runners) + 1}", 0), access_log=None)
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            runners.append(runner)
-            ports.append(runner.addresses[0][1])
-        return ports
-
-    yield start
-    for runner in runners:
-        await runner.cleanup()
 
 
 def config(ports: list[int], admin: str = "{host: 127.0.0.1, port: 0}", extra: str = "",

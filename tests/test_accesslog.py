@@ -13,9 +13,7 @@ import aiohttp
 from balancer.accesslog import AccessLog, format_json, format_text
 from balancer.record import RequestRecord
 from tests.conftest import async_wait_until
-from tests.observe_helpers import backend_ports, config, get
-
-__all__ = ["backend_ports"]
+from tests.observe_helpers import config, get
 
 TEXT_LINE = re.compile(
     r'^(?P<client>\S+) - - \[(?P<time>\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d\.\d{3} \+0000)\] '

@@ -11,9 +11,7 @@ import aiohttp
 
 from balancer.supervisor import RestartPolicy
 from tests.conftest import ROOT, async_wait_until, free_port
-from tests.observe_helpers import AdminClient, backend_of, backend_ports, config, get
-
-__all__ = ["backend_ports"]   # the fixture, imported for pytest
+from tests.observe_helpers import AdminClient, backend_of, config, get
 
 
 async def test_token_required_except_healthz(backend_ports: Any, balancer_factory: Any) -> None:

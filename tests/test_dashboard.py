@@ -23,9 +23,7 @@ import aiohttp
 import pytest
 
 from balancer.registry import AdminState
-from tests.observe_helpers import backend_ports, config, get
-
-__all__ = ["backend_ports"]
+from tests.observe_helpers import config, get
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")

@@ -12,9 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from balancer.record import RequestRecord
 from balancer.stats import DURATION_BUCKETS, Traffic, bucket_upper_s, latency_bucket, percentile
-from tests.observe_helpers import AdminClient, backend_ports, config, get
-
-__all__ = ["backend_ports"]
+from tests.observe_helpers import AdminClient, config, get
 
 
 def samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:

@@ -5,36 +5,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-import pytest
-from aiohttp import web
 
-from backends.app import make_app
 from tests.conftest import async_wait_until, free_port, raw_request
-
-
-@pytest.fixture
-async def backend_ports() -> AsyncIterator[Callable[[int], Awaitable[list[int]]]]:
-    """Start N in-process worker apps on port 0; return their ports."""
-    runners: list[web.AppRunner] = []
-
-    async def start(n: int) -> list[int]:
-        ports = []
-        for i in range(n):
-            runner = web.AppRunner(make_app(f"b{i + 1}", 0), access_log=None)
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            runners.append(runner)
-            ports.append(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
-        return ports
-
-    yield start
-    for runner in runners:
-        await runner.cleanup()
 
 
 def servers_config(ports: list[int], extra: str = "") -> str:

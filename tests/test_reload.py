@@ -7,39 +7,16 @@ import contextlib
 import re
 import signal
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
-from backends.app import make_app
 from balancer.config import parse_config
 from balancer.errors import ConfigError
 from tests.conftest import async_wait_until, wait_until
 from tests.load import Load
-
-
-@pytest.fixture
-async def backends() -> AsyncIterator[Callable[[int], Awaitable[list[int]]]]:
-    runners: list[web.AppRunner] = []
-
-    async def start(n: int) -> list[int]:
-        ports = []
-        for _ in range(n):
-            runner = web.AppRunner(make_app(f"b{len(runners) + 1}", 0), access_log=None)
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            runners.append(runner)
-            ports.append(runner.addresses[0][1])
-        return ports
-
-    yield start
-    for runner in runners:
-        await runner.cleanup()
 
 
 def servers(*ports: int, weights: dict[int, int] | None = None) -> str:
@@ -47,9 +24,9 @@ def servers(*ports: int, weights: dict[int, int] | None = None) -> str:
     return ", ".join(f"{{address: 127.0.0.1:{p}, weight: {weights.get(p, 1)}}}" for p in ports)
 
 
-async def test_servers_added_reweighted_and_removed_under_load(backends: Any, balancer_factory: Any) -> None:
+async def test_servers_added_reweighted_and_removed_under_load(backend_ports: Any, balancer_factory: Any) -> None:
     """Adding, reweighting and removing external servers under steady load fails no request."""
-    a, b, c = await backends(3)
+    a, b, c = await backend_ports(3)
     base = "listen: {host: 127.0.0.1, port: 0}\npools:\n  web:\n    servers: [%s]\n"
     balancer = await balancer_factory(base % servers(a, b))
     load = Load(f"http://127.0.0.1:{balancer.port}")
@@ -69,9 +46,9 @@ async def test_servers_added_reweighted_and_removed_under_load(backends: Any, ba
     assert balancer.upstream.get(f"web/127.0.0.1:{a}") is None
 
 
-async def test_routes_timeouts_and_new_pool_apply(backends: Any, balancer_factory: Any) -> None:
+async def test_routes_timeouts_and_new_pool_apply(backend_ports: Any, balancer_factory: Any) -> None:
     """A new pool and route take effect at once; the old route keeps working."""
-    a, b = await backends(2)
+    a, b = await backend_ports(2)
     balancer = await balancer_factory(
         f"listen: {{host: 127.0.0.1, port: 0}}\npools:\n  web:\n    servers: [{servers(a)}]\n")
     new = parse_config(
@@ -88,10 +65,10 @@ async def test_routes_timeouts_and_new_pool_apply(backends: Any, balancer_factor
     assert balancer.proxy.pools["web"].response_timeout_s == 5.0
 
 
-async def test_invalid_file_keeps_the_old_configuration(tmp_path: Path, backends: Any,
+async def test_invalid_file_keeps_the_old_configuration(tmp_path: Path, backend_ports: Any,
                                                         balancer_factory: Any) -> None:
     """An invalid file is refused with its error; the running configuration is untouched."""
-    (a,) = await backends(1)
+    (a,) = await backend_ports(1)
     balancer = await balancer_factory(
         f"listen: {{host: 127.0.0.1, port: 0}}\npools:\n  web:\n    servers: [{servers(a)}]\n")
     bad = tmp_path / "bad.yaml"
