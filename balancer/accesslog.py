@@ -7,11 +7,11 @@ a blocked stdout pipe never stalls the event loop. If the writer falls behind by
 ``max_pending`` records, new records are dropped and counted (``dropped``) rather than queued without
 bound.
 
-Text format (combined-log-like; the record has no Referer/User-Agent, so those two are left out)::
+Text format (the combined log format, then balancer's fields)::
 
-    127.0.0.1 - - [21/Mar/2025:10:00:00.123 +0000] "GET /x?y=1" 200 1234 rid=9f...-0000002a route=default
-    pool=web backend=web/1 upstream_status=200 attempts=1 queue_ms=0.003 connect_ms=0.000 ttfb_ms=1.201
-    total_ms=1.377 error=-
+    127.0.0.1 - - [21/Mar/2025:10:00:00.123 +0000] "GET /x?y=1 HTTP/1.1" 200 1234 "-" "curl/8.5"
+    rid=9f...-0000002a route=default pool=web backend=web/1 upstream_status=200 attempts=1
+    queue_ms=0.003 connect_ms=0.000 ttfb_ms=1.201 total_ms=1.377 error=-
 
 (on one line). JSON has the same fields, with an ISO 8601 ``time``.
 """
@@ -67,9 +67,24 @@ class _Stamps:
 _stamps = _Stamps()
 
 
+def _header(r: RequestRecord, name: bytes) -> str | None:
+    """A request header's value (Referer, User-Agent), or None."""
+    for key, value in r.headers:
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _field(r: RequestRecord, name: bytes) -> str:
+    """The header escaped for a quoted text-log field; "-" if absent (as the combined format)."""
+    value = _header(r, name)
+    return "-" if value is None else value.translate(_ESCAPES)
+
+
 def format_text(r: RequestRecord) -> str:
     target = r.target.decode("latin-1").translate(_ESCAPES)
-    return (f'{r.client} - - [{_stamps.clf(r.wall)}] "{r.method} {target}" {r.status} {r.bytes_out} '
+    return (f'{r.client} - - [{_stamps.clf(r.wall)}] "{r.method} {target} HTTP/{r.version}" {r.status} '
+            f'{r.bytes_out} "{_field(r, b"referer")}" "{_field(r, b"user-agent")}" '
             f"rid={r.request_id.decode('latin-1') or '-'} route={r.route or '-'} pool={r.pool or '-'} "
             f"backend={r.backend or '-'} upstream_status={r.upstream_status or '-'} "
             f"attempts={r.attempts} queue_ms={r.queue_s * 1000:.3f} connect_ms={r.connect_s * 1000:.3f} "
@@ -80,6 +95,8 @@ def format_json(r: RequestRecord) -> str:
     # Written out rather than json.dumps(dict): half the cost, and the key order is fixed.
     return (f'{{"time":"{_stamps.iso(r.wall)}","client":{_json_str(r.client)},'
             f'"method":{_json_str(r.method)},"target":{_json_str(r.target.decode("latin-1"))},'
+            f'"version":"{r.version}","referer":{_json_str(_header(r, b"referer") or "")},'
+            f'"user_agent":{_json_str(_header(r, b"user-agent") or "")},'
             f'"status":{r.status},"upstream_status":{r.upstream_status},"bytes_in":{r.bytes_in},'
             f'"bytes_out":{r.bytes_out},"route":{_json_str(r.route)},"pool":{_json_str(r.pool)},'
             f'"backend":{_json_str(r.backend)},"attempts":{r.attempts},"error":{_json_str(r.error)},'

@@ -123,6 +123,9 @@ class Proxy:
         target: bytes = message.path.encode("utf-8", "surrogateescape")
         client_ip = _client_ip(request)
         record = RequestRecord(time.monotonic(), time.time(), message.method, target, client_ip)
+        record.headers = message.raw_headers
+        if message.version[1] == 0:
+            record.version = "1.0"
         try:
             response = await self._handle(request, message, target, record)
         finally:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 
 class RequestRecord:
-    __slots__ = ("attempts", "backend", "bytes_in", "bytes_out", "client", "connect_s", "error", "method",
-                 "pool", "queue_s", "request_id", "route", "start", "status", "target", "total_s",
-                 "ttfb_s", "upstream_status", "wall")
+    __slots__ = ("attempts", "backend", "bytes_in", "bytes_out", "client", "connect_s", "error", "headers",
+                 "method", "pool", "queue_s", "request_id", "route", "start", "status", "target",
+                 "total_s", "ttfb_s", "upstream_status", "version", "wall")
 
     def __init__(self, start: float, wall: float, method: str, target: bytes, client: str) -> None:
         self.start = start
@@ -19,6 +19,10 @@ class RequestRecord:
         self.method = method
         self.target = target
         self.client = client
+        # The client's raw header fields and HTTP version, by reference (no copy, no parsing here):
+        # the access log's writer thread picks Referer and User-Agent out of them.
+        self.headers: tuple[tuple[bytes, bytes], ...] = ()
+        self.version = "1.1"
         self.route = ""
         self.pool = ""
         self.backend = ""            # id of the backend that answered (or was tried last)

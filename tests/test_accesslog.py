@@ -17,7 +17,8 @@ from tests.observe_helpers import config, get
 
 TEXT_LINE = re.compile(
     r'^(?P<client>\S+) - - \[(?P<time>\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d\.\d{3} \+0000)\] '
-    r'"(?P<method>\S+) (?P<target>[^"]*)" (?P<status>\d{3}) (?P<bytes>\d+) rid=(?P<rid>\S+) '
+    r'"(?P<method>\S+) (?P<target>[^"]*) HTTP/(?P<version>1\.[01])" (?P<status>\d{3}) (?P<bytes>\d+) '
+    r'"(?P<referer>[^"]*)" "(?P<agent>[^"]*)" rid=(?P<rid>\S+) '
     r"route=(?P<route>\S+) pool=(?P<pool>\S+) backend=(?P<backend>\S+) upstream_status=(?P<us>\S+) "
     r"attempts=(?P<attempts>\d+) queue_ms=[\d.]+ connect_ms=[\d.]+ ttfb_ms=[\d.]+ "
     r"total_ms=(?P<total>[\d.]+) error=(?P<error>\S+)$")
