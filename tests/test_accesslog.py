@@ -121,5 +121,6 @@ routes:
                                    and path.read_text().splitlines(), timeout=5, message="2 lines")
     first, second = (TEXT_LINE.match(line) for line in lines)
     assert first is not None and second is not None, lines
+    assert first["version"] == "1.1" and "aiohttp" in first["agent"] and first["referer"] == "-"
     assert (first["route"], first["backend"], first["us"]) == ("app", f"web/127.0.0.1:{ports[0]}", "404")
     assert (second["route"], second["backend"], second["error"]) == ("-", "-", "no_route")
