@@ -164,15 +164,19 @@ class Proxy:
         max_body = self.limits.max_body
         if max_body and (request.content_length or 0) > max_body:
             return self._fail(record, 413, "body_too_large", close=True)
-        body = b""
+        body: list[bytes] = []          # a small body, kept as received for a possible replay
+        body_size = 0
         streamed_body = False
         if request.body_exists:
             if message.headers.get("Expect", "").lower() == "100-continue":
                 # We read the body ourselves, so we give the client the go-ahead ourselves.
                 request.writer.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # type: ignore[union-attr]
             if 0 <= (request.content_length or -1) <= REPLAY_BODY_LIMIT:
-                body = await request.read()
-                record.bytes_in = len(body)
+                content = request.content
+                while chunk := await content.readany():
+                    body.append(chunk)
+                    body_size += len(chunk)
+                record.bytes_in = body_size
             else:
                 streamed_body = True
 
@@ -186,7 +190,7 @@ class Proxy:
             framing = b"Content-Length: %d\r\n" % length if length is not None else \
                 b"Transfer-Encoding: chunked\r\n"
         elif body or method in ("POST", "PUT", "PATCH"):
-            framing = b"Content-Length: %d\r\n" % len(body)
+            framing = b"Content-Length: %d\r\n" % body_size
         else:
             framing = b""
         head = b"".join((method.encode(), b" ", target, b" HTTP/1.1\r\n", fields, framing, b"\r\n"))
@@ -211,7 +215,7 @@ class Proxy:
         record.error = kind
         return ErrorResponse(status, kind, record.request_id, close=close or self.draining)
 
-    async def _exchange(self, runtime: PoolRuntime, request: web.BaseRequest, head: bytes, body: bytes,
+    async def _exchange(self, runtime: PoolRuntime, request: web.BaseRequest, head: bytes, body: list[bytes],
                         streamed_body: bool, retry_ok: bool, is_head: bool,
                         record: RequestRecord) -> tuple[_Attempt, Backend]:
         """Try backends until one answers with a response head; raise the last failure otherwise.
@@ -258,7 +262,7 @@ class Proxy:
         raise last_exc
 
     async def _attempt_backend(self, runtime: PoolRuntime, pool: ConnectionPool, request: web.BaseRequest,
-                               head: bytes, body: bytes, streamed_body: bool, is_head: bool,
+                               head: bytes, body: list[bytes], streamed_body: bool, is_head: bool,
                                record: RequestRecord) -> _Attempt:
         """Send on one backend; replay once on a fresh connection if a reused one was already dead."""
         for replay in (False, True):
@@ -271,7 +275,7 @@ class Proxy:
                     conn.begin(head, is_head)
                     record.bytes_in = await self._send_streamed_body(conn, request)
                 else:
-                    conn.begin(head + body if body else head, is_head)
+                    conn.begin(head, is_head, body)
                 response_head = await conn.read_head(runtime.response_timeout_s)
             except UpstreamClosed as exc:
                 pool.release(conn)

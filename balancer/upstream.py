@@ -363,12 +363,15 @@ class UpstreamConnection(asyncio.Protocol):
 
     # --- the request/response exchange (called by the proxy) ------------------------------------------
 
-    def begin(self, head: bytes, expect_no_body: bool) -> None:
-        """Send a request head (and any body bytes already joined to it)."""
+    def begin(self, head: bytes, expect_no_body: bool, body: list[bytes] | None = None) -> None:
+        """Send a request head and the body pieces already received, in one vectored write."""
         self.requests += 1
         self._expect_no_body = expect_no_body
         assert self.transport is not None
-        self.transport.write(head)
+        if body:
+            self.transport.writelines([head, *body])
+        else:
+            self.transport.write(head)
 
     async def write(self, data: bytes) -> None:
         """Send request body bytes, waiting while the backend's socket buffer is full."""
