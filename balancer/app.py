@@ -12,7 +12,7 @@ import gc
 import logging
 import signal
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from .accesslog import AccessLog
@@ -24,12 +24,14 @@ from .health import HealthChecker, SlowStart
 from .passive import PassiveHealth
 from .pool import UpstreamPools
 from .proxy import PoolRuntime, Proxy
+from .record import RequestRecord
 from .registry import Backend, Registry, wait_drained
 from .reload import Reload
 from .routing import Route, Router
 from .server import FrontDoor
 from .supervisor import RestartPolicy, Supervisor
 from .wiring import health_policy, pool_limits, pool_runtime, worker_spec
+from .workers import ProxyProcesses
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,8 @@ class Balancer:
     config: Config
     restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
     echo_worker_stderr: bool = True
+    listen_port: int | None = None        # overrides listen.port (proxy replicas bind the main's port)
+    reuse_port: bool = False              # SO_REUSEPORT on the data port (workers > 1)
 
     def __post_init__(self) -> None:
         cfg = self.config
@@ -77,6 +81,7 @@ class Balancer:
         self._web_server: FrontDoor | None = None
         self._shut_down = False
         self._reload_lock = asyncio.Lock()
+        self.processes: ProxyProcesses | None = None      # replicas, with workers > 1
         self._rollouts: set[asyncio.Task[None]] = set()
         self._listener: asyncio.Server | None = None
         self.stop_event = asyncio.Event()
@@ -121,7 +126,10 @@ class Balancer:
     async def reload(self, config: Config) -> list[str]:
         """Apply an already validated configuration in place (see :mod:`balancer.reload`)."""
         async with self._reload_lock:
-            return await Reload(self, config).apply()
+            changes = await Reload(self, config).apply()
+        if self.processes is not None:
+            self.processes.tell_reload()
+        return changes
 
     async def reload_file(self, path: str | None = None) -> list[str]:
         """Read, validate and apply a configuration file (default: the one we run on). An invalid
@@ -206,7 +214,9 @@ class Balancer:
             max_line_size=limits.max_request_line, max_field_size=limits.max_header_size,
             max_headers=limits.max_headers)
         loop = asyncio.get_running_loop()
-        self._listener = await loop.create_server(self._web_server, cfg.listen.host, cfg.listen.port,
+        port = cfg.listen.port if self.listen_port is None else self.listen_port
+        self._listener = await loop.create_server(self._web_server, cfg.listen.host, port,
+                                                  reuse_port=self.reuse_port or cfg.workers > 1 or None,
                                                   reuse_address=True, backlog=1024)
         if self.admin is not None:
             await self.admin.start()
@@ -236,7 +246,10 @@ class Balancer:
         for task in list(self._rollouts):
             task.cancel()
         await asyncio.gather(*self._rollouts, return_exceptions=True)
-        # 1. Stop accepting new client connections.
+        # 1. Other proxy processes drain and exit (concurrently with our own drain below);
+        #    stop accepting new client connections.
+        replicas = (asyncio.ensure_future(self.processes.aclose(cfg.shutdown.drain_timeout_s))
+                    if self.processes is not None else None)
         if self._listener is not None:
             self._listener.close()
         # 2. Drain: in-flight requests finish; each keep-alive client's next response carries
@@ -245,6 +258,8 @@ class Balancer:
         if self._web_server is not None:
             self.proxy.draining = True
             await self._drain(self._web_server, cfg.shutdown.drain_timeout_s)
+        if replicas is not None:
+            await replicas
         # 3. The admin listener, health probes and upstream connections.
         if self.admin is not None:
             await self.admin.aclose()
@@ -257,6 +272,11 @@ class Balancer:
         # 4. The workers: SIGTERM, then SIGKILL after the deadline.
         await self.supervisor.aclose(cfg.shutdown.worker_stop_timeout_s)
         log.info("balancer stopped")
+
+    def remote_observers(self) -> list[Callable[[RequestRecord], None]]:
+        """Observers for requests served by other proxy processes (which write their own access log)."""
+        skip = self.access_log.observe if self.access_log is not None else None
+        return [o for o in self.proxy.observers if o != skip]
 
     async def _drain(self, server: FrontDoor, timeout: float) -> None:
         loop = asyncio.get_running_loop()
@@ -297,6 +317,9 @@ class Balancer:
         try:
             try:
                 await self.startup()
+                if self.config.workers > 1:
+                    self.processes = ProxyProcesses(self, self.config.workers, self.config.source)
+                    await self.processes.start(self.port)
                 gc.collect()
                 gc.freeze()      # start-up objects live forever: keep them out of every collection
                 await self.stop_event.wait()

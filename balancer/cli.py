@@ -50,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
         _admin_arguments(cmd)
         cmd.add_argument("--wait", metavar="DURATION", default="60s",
                          help="wait up to this long for worker rollouts (default 60s; 0 = do not wait)")
+    replica = sub.add_parser("_replica")          # internal: a proxy process of `workers: N`
+    replica.add_argument("-c", "--config", required=True)
+    replica.add_argument("--fd", type=int, required=True)
+    replica.add_argument("--port", type=int, required=True)
+    replica.add_argument("--index", type=int, required=True)
     return parser
 
 
@@ -118,6 +123,23 @@ def _run(config_path: str) -> int:
         return EXIT_FAILURE
     except SystemExit as exc:   # raised by the second-signal fast exit
         return int(exc.code or EXIT_FAILURE)
+    return EXIT_OK
+
+
+def _replica(args: argparse.Namespace) -> int:
+    """A proxy process started by the main process (workers > 1); see balancer/workers.py."""
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"balancer: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    _configure_logging(config.log.level)
+    _tune_malloc()
+    _tune_gc()
+    import uvloop
+
+    from .workers import run_replica
+    uvloop.run(run_replica(config, args.fd, args.port, args.index))
     return EXIT_OK
 
 
@@ -199,6 +221,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(_run(args.config))
     if args.command == "check":
         sys.exit(_check(args.config, args.quiet))
+    if args.command == "_replica":
+        sys.exit(_replica(args))
     if args.command in ("status", "drain", "disable", "enable", "reload", "restart-workers"):
         sys.exit(_admin(args))
     sys.exit(EXIT_CONFIG)

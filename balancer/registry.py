@@ -62,6 +62,7 @@ class Backend:
     admin: AdminState = AdminState.ENABLED
     ejected: bool = False
     in_flight: int = 0
+    remote_in_flight: int = 0       # in other proxy processes (workers > 1), as they last reported
     # Why the backend is not ready, for logs and stats ("process exited", "health: 503", ...).
     reason: str = ""
     address: str = field(init=False)
@@ -284,11 +285,12 @@ async def wait_drained(backend: Backend, timeout_s: float, poll_s: float = 0.05,
     :meth:`Registry.drain` first, or new requests keep arriving.
     """
     deadline = clock() + timeout_s
-    while backend.in_flight > 0:
+    while backend.in_flight + backend.remote_in_flight > 0:
         left = deadline - clock()
         if left <= 0:
+            left_over = backend.in_flight + backend.remote_in_flight
             log.warning("backend %s: drain deadline of %gs passed with %d requests in flight",
-                        backend.id, timeout_s, backend.in_flight)
-            return backend.in_flight
+                        backend.id, timeout_s, left_over)
+            return left_over
         await asyncio.sleep(min(poll_s, left))
     return 0

@@ -1,0 +1,368 @@
+"""Several proxy processes on one port: ``workers: N`` (``auto`` = cores).
+
+Theory of operation
+-------------------
+The process started by ``balancer run`` (the *main* process) is the only one that owns state: it
+spawns and supervises the backend workers, runs the health checks and passive health, serves the admin
+API, and applies reloads. It also proxies, like every other process: with ``workers: N`` it starts
+N - 1 *replica* processes, and all N bind the data port with ``SO_REUSEPORT``, so the kernel spreads
+client connections over them. Each process has its own event loop, upstream connection pools and
+in-flight counts (as nginx workers do; ``least_loaded`` therefore balances per process).
+
+One health checker, whose results reach every process: the main process sends each replica a snapshot
+of every backend (address, weight, effective weight, alive/healthy/ejected/admin flags) whenever its
+registry changes (checked every 20 ms, and at once on a readiness flip), over a socketpair, as JSON
+lines. A replica applies the snapshot to its own registry replica, so a backend that dies, fails its
+checks, is drained or disabled leaves rotation in every process.
+
+What happens in replicas flows back the same way, batched every 100 ms: each finished request's record
+(so /stats, /metrics and the slow log count every process), each attempt's outcome (so passive health
+sees all traffic), and the replica's in-flight count per backend (so a drain waits for all of them).
+Replicas write their own access-log lines.
+
+A replica that dies is restarted (with backoff); one that cannot reach its main process (EOF on the
+socketpair, or the kernel's parent-death signal) exits. Reload: the main process applies the file, then
+tells replicas to re-read it for routes, pool settings and limits (backends come with the next
+snapshot). Stop: replicas are told to drain and exit, then the main process drains itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from .models import Config, HealthConfig, PoolMap
+from .record import RequestRecord
+from .registry import AdminState, Backend
+from .supervisor import RestartPolicy, _child_setup, describe_exit
+
+if TYPE_CHECKING:
+    from .app import Balancer
+
+log = logging.getLogger(__name__)
+
+SYNC_INTERVAL_S = 0.02
+BATCH_INTERVAL_S = 0.1
+_RECORD_FIELDS = ("start", "wall", "method", "client", "route", "pool", "backend", "status",
+                  "upstream_status", "attempts", "error", "bytes_in", "bytes_out", "queue_s", "connect_s",
+                  "ttfb_s", "total_s", "version")
+
+
+def backend_state(b: Backend) -> dict[str, Any]:
+    return {"id": b.id, "pool": b.pool, "host": b.host, "port": b.port, "weight": b.weight,
+            "ew": b.effective_weight, "alive": b.alive, "healthy": b.healthy, "ejected": b.ejected,
+            "admin": b.admin.value, "spawned": b.spawned, "reason": b.reason}
+
+
+def replica_config(config: Config) -> Config:
+    """A replica's view: same routes and pool settings, but no backends, workers or checks of its
+    own (they come from the main process) and no admin listener."""
+    pools = PoolMap(replace(p, spawn=None, servers=(), health=HealthConfig(enabled=False),
+                            passive=replace(p.passive, enabled=False))
+                    for p in config.pools.values())
+    return replace(config, pools=pools, admin=None, workers=1)
+
+
+# --- the main process's side -------------------------------------------------------------------------
+
+
+class Replica:
+    """One replica process and its socketpair, seen from the main process."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.process: asyncio.subprocess.Process | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.restarts = 0
+        self.in_flight: dict[str, int] = {}
+        self.last_exit = ""
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None and self.process.returncode is None else None
+
+
+class ProxyProcesses:
+    """The main process's replicas: started, kept in sync, fed back, restarted, stopped."""
+
+    def __init__(self, balancer: Balancer, count: int, config_path: str,
+                 policy: RestartPolicy | None = None) -> None:
+        self.balancer = balancer
+        self.replicas = [Replica(i) for i in range(1, count)]
+        self.config_path = config_path
+        self.policy = policy or RestartPolicy()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self._synced_version: object = None
+        self._wake = asyncio.Event()
+
+    async def start(self, port: int) -> None:
+        self.port = port
+        loop = asyncio.get_running_loop()
+        for backend_set in self.balancer.registry.pools.values():
+            backend_set.subscribe(lambda b, ready: self._wake.set())
+        self._tasks.append(loop.create_task(self._sync_forever(), name="replica sync"))
+        for replica in self.replicas:
+            self._tasks.append(loop.create_task(self._run(replica), name=f"replica {replica.index}"))
+
+    def _version(self) -> object:
+        return tuple((name, s.version) for name, s in self.balancer.registry.pools.items())
+
+    def snapshot(self) -> bytes:
+        backends = [backend_state(b) for b in self.balancer.registry.backends()]
+        return json.dumps({"t": "state", "backends": backends}).encode() + b"\n"
+
+    async def _sync_forever(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(SYNC_INTERVAL_S):
+                    await self._wake.wait()
+            self._wake.clear()
+            version = self._version()
+            if version != self._synced_version:
+                self._synced_version = version
+                self.broadcast(self.snapshot())
+
+    def broadcast(self, line: bytes) -> None:
+        for replica in self.replicas:
+            if replica.writer is not None and not replica.writer.is_closing():
+                replica.writer.write(line)
+
+    def tell_reload(self) -> None:
+        self.broadcast(b'{"t": "reload"}\n')
+
+    async def _run(self, replica: Replica) -> None:
+        """Start the replica, feed it, restart it when it dies (backoff), until stopped."""
+        crashes: list[float] = []
+        while not self._stopping:
+            started = time.monotonic()
+            await self._serve_one(replica)
+            if self._stopping:
+                return
+            crashes.append(time.monotonic())
+            failures = 1 if time.monotonic() - started >= self.policy.stable_after_s else len(crashes)
+            delay = self.policy.next_delay(crashes, time.monotonic(), failures) or self.policy.max_s
+            log.warning("proxy process %d %s; restarting in %.2fs", replica.index, replica.last_exit, delay)
+            await asyncio.sleep(delay)
+            replica.restarts += 1
+
+    async def _serve_one(self, replica: Replica) -> None:
+        ours, theirs = socket.socketpair()
+        try:
+            replica.process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "balancer", "_replica", "-c", self.config_path,
+                "--fd", str(theirs.fileno()), "--port", str(self.port), "--index", str(replica.index),
+                pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL, preexec_fn=_child_setup)
+        finally:
+            theirs.close()
+        reader, replica.writer = await asyncio.open_connection(sock=ours)
+        replica.writer.write(self.snapshot())
+        log.info("proxy process %d pid %d started", replica.index, replica.process.pid)
+        feed = asyncio.get_running_loop().create_task(self._feed(replica, reader))
+        code = await replica.process.wait()
+        replica.last_exit = describe_exit(code)
+        feed.cancel()
+        await asyncio.gather(feed, return_exceptions=True)
+        replica.writer.close()
+        replica.writer = None
+        replica.in_flight = {}
+        self._apply_in_flight()
+
+    async def _feed(self, replica: Replica, reader: asyncio.StreamReader) -> None:
+        """What the replica reports: request records, attempt outcomes, in-flight counts."""
+        b = self.balancer
+        while line := await reader.readline():
+            message = json.loads(line)
+            backends = {x.id: x for x in b.registry.backends()}
+            for values in message.get("records", ()):
+                record = _record(values)
+                for observer in b.remote_observers():
+                    observer(record)
+            for backend_id, ok in message.get("outcomes", ()):
+                backend = backends.get(backend_id)
+                if backend is not None:
+                    for listener in b.proxy.outcome_listeners:
+                        listener(backend, ok)
+            if "in_flight" in message:
+                replica.in_flight = message["in_flight"]
+                self._apply_in_flight()
+
+    def _apply_in_flight(self) -> None:
+        totals: dict[str, int] = {}
+        for replica in self.replicas:
+            for backend_id, n in replica.in_flight.items():
+                totals[backend_id] = totals.get(backend_id, 0) + n
+        for backend in self.balancer.registry.backends():
+            backend.remote_in_flight = totals.get(backend.id, 0)
+
+    async def aclose(self, drain_timeout: float) -> None:
+        """Tell every replica to drain and exit; SIGKILL the ones still there after the deadline."""
+        self._stopping = True
+        self.broadcast(json.dumps({"t": "stop", "timeout": drain_timeout}).encode() + b"\n")
+        running = [r.process for r in self.replicas if r.process is not None and r.pid is not None]
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(drain_timeout + 2.0):
+                await asyncio.gather(*(p.wait() for p in running))
+        for process in running:
+            if process.returncode is None:
+                log.warning("proxy process pid %d did not stop in time: SIGKILL", process.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def info(self) -> list[dict[str, Any]]:
+        return [{"index": r.index, "pid": r.pid, "restarts": r.restarts, "last_exit": r.last_exit}
+                for r in self.replicas]
+
+
+def _record(values: list[Any]) -> RequestRecord:
+    fields = dict(zip(_RECORD_FIELDS, values, strict=False))
+    record = RequestRecord(fields["start"], fields["wall"], fields["method"], values[-2].encode("latin-1"),
+                           fields["client"])
+    for name in _RECORD_FIELDS[4:]:
+        setattr(record, name, fields[name])
+    record.request_id = values[-1].encode("latin-1")
+    return record
+
+
+def record_values(r: RequestRecord) -> list[Any]:
+    return [*(getattr(r, name) for name in _RECORD_FIELDS), r.target.decode("latin-1"),
+            r.request_id.decode("latin-1")]
+
+
+# --- the replica's side ------------------------------------------------------------------------------
+
+
+class ReplicaLink:
+    """In a replica: applies the main process's snapshots, batches records and outcomes back."""
+
+    def __init__(self, balancer: Balancer, fd: int, on_stop: Callable[[float], None],
+                 on_reload: Callable[[], None]) -> None:
+        self.balancer = balancer
+        self._fd = fd
+        self._on_stop = on_stop
+        self._on_reload = on_reload
+        self._records: list[list[Any]] = []
+        self._outcomes: list[tuple[str, bool]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self.first_state = asyncio.Event()
+
+    async def start(self) -> None:
+        reader, self._writer = await asyncio.open_connection(sock=socket.socket(fileno=self._fd))
+        self.balancer.proxy.observers.append(lambda r: self._records.append(record_values(r)))
+        self.balancer.proxy.outcome_listeners.append(lambda b, ok: self._outcomes.append((b.id, ok)))
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._listen(reader)), loop.create_task(self._report())]
+
+    async def _listen(self, reader: asyncio.StreamReader) -> None:
+        while line := await reader.readline():
+            message = json.loads(line)
+            if message["t"] == "state":
+                self.apply(message["backends"])
+                self.first_state.set()
+            elif message["t"] == "reload":
+                self._on_reload()
+            elif message["t"] == "stop":
+                self._on_stop(float(message["timeout"]))
+        log.warning("main process gone: stopping")
+        self._on_stop(1.0)
+
+    def apply(self, states: list[dict[str, Any]]) -> None:
+        """Make this process's registry match the main process's snapshot."""
+        b = self.balancer
+        seen: set[str] = set()
+        for state in states:
+            seen.add(state["id"])
+            backend_set = b.registry.pool(state["pool"])
+            backend = backend_set.get(state["id"])
+            if backend is None:
+                backend = Backend(id=state["id"], pool=state["pool"], host=state["host"], port=state["port"],
+                                  weight=state["weight"], spawned=state["spawned"], alive=False)
+                backend_set.add(backend)
+                b.attach_backend(backend)
+            if (backend.host, backend.port) != (state["host"], state["port"]):
+                b.upstream.remove(backend.id)
+                backend.host, backend.port = state["host"], state["port"]
+                backend.__post_init__()
+                b.attach_backend(backend)
+
+            def change(x: Backend, s: dict[str, Any] = state) -> None:
+                x.weight, x.alive, x.healthy, x.ejected = s["weight"], s["alive"], s["healthy"], s["ejected"]
+                x.admin, x.reason = AdminState(s["admin"]), s["reason"]
+            backend_set.update(backend, change)
+            backend_set.reweigh(backend, float(state["ew"]))
+            backend_set.touch()
+        for backend in list(b.registry.backends()):
+            if backend.id not in seen:
+                b.registry.pool(backend.pool).remove(backend.id)
+                b.upstream.remove(backend.id)
+
+    async def _report(self) -> None:
+        while True:
+            await asyncio.sleep(BATCH_INTERVAL_S)
+            in_flight = {x.id: x.in_flight for x in self.balancer.registry.backends() if x.in_flight}
+            message: dict[str, Any] = {"in_flight": in_flight}
+            if self._records:
+                message["records"], self._records = self._records, []
+            if self._outcomes:
+                message["outcomes"], self._outcomes = self._outcomes, []
+            self._writer.write(json.dumps(message).encode() + b"\n")
+
+    async def aclose(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            self._writer.close()
+
+
+async def run_replica(config: Config, fd: int, port: int, index: int) -> None:
+    """The body of ``balancer _replica``: a proxy process fed by the main process."""
+    from .app import Balancer
+
+    balancer = Balancer(replica_config(config), listen_port=port, reuse_port=True)
+    loop = asyncio.get_running_loop()
+    stop_timeout = [config.shutdown.drain_timeout_s]
+
+    def on_stop(timeout: float) -> None:
+        stop_timeout[0] = timeout
+        balancer.stop_event.set()
+
+    def on_reload() -> None:
+        async def reload() -> None:
+            from .config import load_config
+            try:
+                await balancer.reload(replica_config(load_config(config.source)))
+            except Exception:
+                log.exception("proxy process %d: reload failed", index)
+        balancer.start_rollout(reload(), "replica reload")
+
+    link = ReplicaLink(balancer, fd, on_stop, on_reload)
+    await link.start()
+    async with asyncio.timeout(30):
+        await link.first_state.wait()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, balancer.stop_event.set)
+    try:
+        await balancer.startup()
+        log.info("proxy process %d pid %d serving on port %d", index, os.getpid(), balancer.port)
+        await balancer.stop_event.wait()
+    finally:
+        balancer.config = replace(balancer.config, shutdown=replace(balancer.config.shutdown,
+                                                                     drain_timeout_s=stop_timeout[0]))
+        await balancer.shutdown()
+        await link.aclose()
+

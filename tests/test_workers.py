@@ -1,0 +1,95 @@
+"""`workers: N`: several proxy processes on one port, one state (the main process's), one set of stats."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import urllib.request
+from typing import Any
+
+from tests.conftest import pid_alive, wait_until
+
+CONFIG = """
+listen: {host: 127.0.0.1, port: 0}
+admin: {host: 127.0.0.1, port: 0}
+workers: 2
+pools:
+  web:
+    spawn: {command: [python, -m, backends], count: 2}
+    health: {interval: 200ms, timeout: 500ms, rise: 1, fall: 1}
+"""
+
+
+def _get(url: str) -> tuple[int, dict[str, str], bytes]:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return resp.status, dict(resp.headers), resp.read()
+
+
+def _post(url: str) -> Any:
+    request = urllib.request.Request(url, method="POST", data=b"")
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        return json.load(resp)
+
+
+def _started(proc: Any) -> tuple[int, int, int] | None:
+    log = proc.log()
+    if proc.proc.poll() is not None:
+        raise AssertionError(log)
+    data = re.search(r"listening on http://127\.0\.0\.1:(\d+)", log)
+    admin = re.search(r"admin on http://127\.0\.0\.1:(\d+)", log)
+    replica = re.search(r"proxy process 1 pid (\d+) serving on port (\d+)", log)
+    if data and admin and replica:
+        assert replica.group(2) == data.group(1)          # the replica shares the main's port
+        return int(data.group(1)), int(admin.group(1)), int(replica.group(1))
+    return None
+
+
+def test_two_proxy_processes_share_the_port_state_and_stats(balancer_process: Any) -> None:
+    """Both processes serve; every request is counted in the main /stats; a drain and a dead worker
+    reach the replica; SIGTERM stops main, replica and workers."""
+    proc = balancer_process(CONFIG)
+    port, admin, replica_pid = wait_until(lambda: _started(proc), timeout=30, message="both processes up")
+    for _ in range(60):                                   # new connection each: the kernel spreads them
+        assert _get(f"http://127.0.0.1:{port}/")[0] == 200
+    stats = wait_until(lambda: (s := json.load(urllib.request.urlopen(f"http://127.0.0.1:{admin}/stats",
+                                                                      timeout=5)))["totals"]["requests"] >= 60
+                       and s, timeout=5, message="requests of both processes counted")
+    assert stats["totals"]["requests"] == 60
+    with open(f"/proc/{replica_pid}/stat") as f:
+        replica_ticks = sum(int(x) for x in f.read().rsplit(")", 1)[1].split()[11:13])
+    assert replica_ticks > 0
+
+    # An operator's drain reaches every process: no request of 40 goes to web/1.
+    _post(f"http://127.0.0.1:{admin}/backends/web/1/drain")
+    seen = {_get(f"http://127.0.0.1:{port}/")[1]["X-Backend"] for _ in range(40)}
+    assert seen == {"web/2"}
+    _post(f"http://127.0.0.1:{admin}/backends/web/1/enable")
+
+    # A worker killed: out of rotation in every process.
+    pids = [b["worker"]["pid"] for b in json.load(urllib.request.urlopen(
+        f"http://127.0.0.1:{admin}/stats", timeout=5))["pools"]["web"]["backends"]]
+    import os
+    os.kill(pids[1], signal.SIGKILL)
+    wait_until(lambda: json.load(urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=5))
+               ["pools"]["web"] == 1, timeout=5, message="web/2 out")
+    for _ in range(30):
+        status, headers, _ = _get(f"http://127.0.0.1:{port}/")
+        assert status == 200 and headers["X-Backend"] == "web/1"
+
+    proc.proc.send_signal(signal.SIGTERM)
+    assert proc.proc.wait(30) == 0
+    wait_until(lambda: not pid_alive(replica_pid) and not pid_alive(pids[0]), timeout=10,
+               message="replica and workers gone")
+
+
+def test_a_killed_replica_is_restarted(balancer_process: Any) -> None:
+    """kill -9 of a proxy process: the main process starts a new one on the same port."""
+    proc = balancer_process(CONFIG)
+    port, _, replica_pid = wait_until(lambda: _started(proc), timeout=30, message="both processes up")
+    import os
+    os.kill(replica_pid, signal.SIGKILL)
+    wait_until(lambda: len(re.findall(r"proxy process 1 pid \d+ serving", proc.log())) == 2, timeout=20,
+               message="replacement serving")
+    for _ in range(20):
+        assert _get(f"http://127.0.0.1:{port}/")[0] == 200
