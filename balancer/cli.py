@@ -104,15 +104,23 @@ def _tune_gc() -> None:
     gc.set_threshold(*thresholds)
 
 
-def _run(config_path: str) -> int:
+def _prepare(config_path: str) -> Config | None:
+    """Load the configuration and tune the process for serving; None (message printed) if invalid."""
     try:
         config = load_config(config_path)
     except ConfigError as exc:
         print(f"balancer: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return None
     _configure_logging(config.log.level)
     _tune_malloc()
     _tune_gc()
+    return config
+
+
+def _run(config_path: str) -> int:
+    config = _prepare(config_path)
+    if config is None:
+        return EXIT_CONFIG
     import uvloop
 
     from .app import Balancer
@@ -128,14 +136,9 @@ def _run(config_path: str) -> int:
 
 def _replica(args: argparse.Namespace) -> int:
     """A proxy process started by the main process (workers > 1); see balancer/workers.py."""
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"balancer: {exc}", file=sys.stderr)
+    config = _prepare(args.config)
+    if config is None:
         return EXIT_CONFIG
-    _configure_logging(config.log.level)
-    _tune_malloc()
-    _tune_gc()
     import uvloop
 
     from .workers import run_replica
