@@ -146,7 +146,7 @@ def response_fields(headers: RawHeaders, request_id: bytes) -> bytes:
         if lname == b"x-request-id":
             has_request_id = True
         out.append(name + b": " + value + b"\r\n")
-    if not has_request_id:
+    if request_id and not has_request_id:
         out.append(b"X-Request-ID: " + request_id + b"\r\n")
     if has_connection:
         listed = connection_tokens(headers)

@@ -329,8 +329,9 @@ class Proxy:
                 # A close-delimited upstream body; or aiohttp marked the client connection as
                 # upgraded (an Upgrade we did not tunnel), so it cannot carry another request.
                 response.force_close()
-            if conn.response_complete and not close_delimited:
-                # The whole response is here already (the common small one): one write.
+            if conn.response_complete and not close_delimited and not conn.trailers:
+                # The whole response is here already (the common small one): one write, framed by
+                # its now known length (even if the backend sent it chunked).
                 body = b"" if request.method == "HEAD" else conn.take_body()
                 sent = len(body)
                 response.send_whole(request, body)
@@ -343,6 +344,8 @@ class Proxy:
                         break
                     sent += len(data)
                     await response.write(data)
+            if conn.trailers and head.chunked:
+                await response.write_trailers(response_fields(conn.trailers, b""))
             await response.write_eof()
             return response
         except ConnectionError:

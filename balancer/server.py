@@ -102,12 +102,22 @@ class ProxyResponse(web.StreamResponse):
         writer._headers_buf = self._head
         writer._headers_written = False
 
+    async def write_trailers(self, fields: bytes) -> None:
+        """End a chunked body with trailer fields (RFC 9112 7.1.2) instead of a bare last chunk."""
+        writer = cast(StreamWriter, self._payload_writer)
+        if not writer.chunked:
+            return                       # not chunked to this client (HTTP/1.0): no place for them
+        writer.chunked = False           # we write the last chunk ourselves; write_eof adds nothing
+        await writer.write(b"0\r\n" + fields + b"\r\n")
+
     def send_whole(self, request: web.BaseRequest, body: bytes) -> None:
         """Send head and complete ``body`` in one write and mark the response finished, so that
         aiohttp's own ``prepare``/``write_eof`` after the handler do nothing."""
         self._req = request
         self._payload_writer = writer = request._payload_writer
         self._must_be_empty_body = must_be_empty_body(request.method, self._status)
+        if not self._must_be_empty_body:
+            self._raw_length = len(body)     # the whole body is here: its length frames it
         head = self._frame(request, None)
         transport = request.transport
         if transport is None or transport.is_closing():

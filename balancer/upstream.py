@@ -102,6 +102,7 @@ class UpstreamConnection(asyncio.Protocol):
     def _reset_exchange(self) -> None:
         self._head: ResponseHead | None = None
         self._head_tail = b""            # last bytes fed before the head was complete
+        self.trailers: list[tuple[bytes, bytes]] = []
         self._passthrough = 0            # body bytes still to come outside the parser
         self._interim = False            # an interim (1xx) response came first
         self._pending_head = ResponseHead()
@@ -296,7 +297,10 @@ class UpstreamConnection(asyncio.Protocol):
         self._pending_head.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._pending_head.headers.append((name, value))
+        if self._head is not None:
+            self.trailers.append((name, value))   # after a chunked body: trailer fields
+        else:
+            self._pending_head.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         parser = self._parser

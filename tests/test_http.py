@@ -426,3 +426,23 @@ async def test_max_connections_refuses_cleanly(balancer_factory: Factory, raw_ba
     assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 200")
     for _, w in held:
         w.close()
+
+
+async def test_small_chunked_response_is_framed_correctly(balancer_factory: Factory, raw_backend: Any) -> None:
+    """A chunked upstream response that arrives whole is re-framed with its Content-Length."""
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+    reply, _ = await through(balancer_factory, raw_backend, b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+                             respond=lambda _: chunked)
+    head, body = reply.split(b"\r\n\r\n", 1)
+    assert b"Content-Length: 11" in head and b"Transfer-Encoding" not in head
+    assert body == b"hello world"
+
+
+async def test_response_trailers_are_forwarded(balancer_factory: Factory, raw_backend: Any) -> None:
+    """Trailer fields after a chunked upstream body reach an HTTP/1.1 client after the last chunk."""
+    response = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-Checksum: abc\r\n\r\n"
+    reply, _ = await through(balancer_factory, raw_backend, b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+                             respond=lambda _: response)
+    head, body = reply.split(b"\r\n\r\n", 1)
+    assert b"Transfer-Encoding: chunked" in head
+    assert body == b"5\r\nhello\r\n0\r\nX-Checksum: abc\r\n\r\n"
