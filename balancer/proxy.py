@@ -116,6 +116,7 @@ class Proxy:
         self.draining = False
         self._request_ids = RequestIds()
         self._budget = RetryBudget()
+        self._failure_log = ThrottledLog(log)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         self.requests += 1
@@ -203,7 +204,7 @@ class Proxy:
             return self._fail(record, 413, "body_too_large", close=True)
         except UpstreamError as exc:
             status, kind = FAILURES.get(type(exc), (502, "error"))
-            log.warning("%s %s -> %d (%s): %s", method, message.path, status, kind, exc)
+            self._failure_log.warning(kind, "%s %s -> %d (%s): %s", method, message.path, status, kind, exc)
             return self._fail(record, status, kind, close=message.upgrade)
         if tunnel and attempt.head.status == 101:
             return await self._tunnel(request, attempt, backend, record)
@@ -356,7 +357,8 @@ class Proxy:
             # The status has gone; all we can do is cut the client connection so it sees a short body.
             ok = False
             record.error = FAILURES.get(type(exc), (502, "error"))[1]
-            log.warning("%s %s: response from %s cut: %s", request.method, request.path, backend.id, exc)
+            self._failure_log.warning("cut", "%s %s: response from %s cut: %s", request.method,
+                                      request.path, backend.id, exc)
             if request.transport is not None:
                 request.transport.abort()
             return response
@@ -400,6 +402,30 @@ class Proxy:
     def _outcome(self, backend: Backend, ok: bool) -> None:
         for listener in self.outcome_listeners:
             listener(backend, ok)
+
+
+class ThrottledLog:
+    """At most one line per second per kind of failure, with how many were left out: a dead pool
+    answering thousands of 503s a second must not turn the log into the bottleneck."""
+
+    __slots__ = ("_clock", "_last", "_logger", "_suppressed")
+
+    def __init__(self, logger: logging.Logger, clock: Callable[[], float] = time.monotonic) -> None:
+        self._logger = logger
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+        self._clock = clock
+
+    def warning(self, kind: str, msg: str, *args: object) -> None:
+        now = self._clock()
+        if now - self._last.get(kind, -1e9) < 1.0:
+            self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
+            return
+        self._last[kind] = now
+        left_out = self._suppressed.pop(kind, 0)
+        if left_out:
+            msg += f" (and {left_out} more like it in the last second)"
+        self._logger.warning(msg, *args)
 
 
 class RetryBudget:

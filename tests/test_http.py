@@ -446,3 +446,20 @@ async def test_response_trailers_are_forwarded(balancer_factory: Factory, raw_ba
     head, body = reply.split(b"\r\n\r\n", 1)
     assert b"Transfer-Encoding: chunked" in head
     assert body == b"5\r\nhello\r\n0\r\nX-Checksum: abc\r\n\r\n"
+
+
+def test_failure_log_is_throttled(caplog: pytest.LogCaptureFixture) -> None:
+    """A flood of the same failure logs one line a second per kind, with the count left out."""
+    import logging
+
+    from balancer.proxy import ThrottledLog
+    now = [100.0]
+    throttled = ThrottledLog(logging.getLogger("balancer.proxy"), clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="balancer.proxy"):
+        for _ in range(50):
+            throttled.warning("no_backend", "503 %s", "x")
+        throttled.warning("connect_error", "502 %s", "y")
+        now[0] += 1.5
+        throttled.warning("no_backend", "503 %s", "x")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["503 x", "502 y", "503 x (and 49 more like it in the last second)"]
