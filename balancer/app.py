@@ -82,6 +82,8 @@ class Balancer:
         self._shut_down = False
         self._reload_lock = asyncio.Lock()
         self.processes: ProxyProcesses | None = None      # replicas, with workers > 1
+        # Set in a replica: fills new pools with the main process's backends during a reload.
+        self.before_routes_swap: Callable[[], None] | None = None
         self._rollouts: set[asyncio.Task[None]] = set()
         self._listener: asyncio.Server | None = None
         self.stop_event = asyncio.Event()

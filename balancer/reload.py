@@ -71,6 +71,8 @@ class Reload:
             else:
                 await self._update_pool(old.pools[name], p)
         # 3. Routing and client-side settings; requests in flight keep what they hold.
+        if b.before_routes_swap is not None:
+            b.before_routes_swap()
         b.proxy.router = router_for(new)
         b.proxy.trusted = TrustedProxies(new.trusted_proxies)
         b.proxy.limits = new.limits

@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SYNC_INTERVAL_S = 0.02
+RESYNC_INTERVAL_S = 1.0
 BATCH_INTERVAL_S = 0.1
 _RECORD_FIELDS = ("start", "wall", "method", "client", "route", "pool", "backend", "status",
                   "upstream_status", "attempts", "error", "bytes_in", "bytes_out", "queue_s", "connect_s",
@@ -123,14 +124,18 @@ class ProxyProcesses:
         return json.dumps({"t": "state", "backends": backends}).encode() + b"\n"
 
     async def _sync_forever(self) -> None:
+        last_sent = 0.0
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(SYNC_INTERVAL_S):
                     await self._wake.wait()
             self._wake.clear()
             version = self._version()
-            if version != self._synced_version:
+            # On every change, and once a second regardless (a replica that missed or could not yet
+            # use an update, e.g. during a reload, catches up).
+            if version != self._synced_version or time.monotonic() - last_sent >= RESYNC_INTERVAL_S:
                 self._synced_version = version
+                last_sent = time.monotonic()
                 self.broadcast(self.snapshot())
 
     def broadcast(self, line: bytes) -> None:
@@ -139,6 +144,8 @@ class ProxyProcesses:
                 replica.writer.write(line)
 
     def tell_reload(self) -> None:
+        """The new backends first, then the reload: a replica that adds a pool finds its backends."""
+        self.broadcast(self.snapshot())
         self.broadcast(b'{"t": "reload"}\n')
 
     async def _run(self, replica: Replica) -> None:
@@ -210,6 +217,9 @@ class ProxyProcesses:
         self._stopping = True
         self.broadcast(json.dumps({"t": "stop", "timeout": drain_timeout}).encode() + b"\n")
         running = [r.process for r in self.replicas if r.process is not None and r.pid is not None]
+        for process in running:          # the same request by signal, should a replica not be listening
+            with contextlib.suppress(ProcessLookupError):
+                process.terminate()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(drain_timeout + 2.0):
                 await asyncio.gather(*(p.wait() for p in running))
@@ -259,6 +269,7 @@ class ReplicaLink:
         self._outcomes: list[tuple[str, bool]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self.first_state = asyncio.Event()
+        self.last_states: list[dict[str, Any]] = []
 
     async def start(self) -> None:
         reader, self._writer = await asyncio.open_connection(sock=socket.socket(fileno=self._fd))
@@ -269,14 +280,18 @@ class ReplicaLink:
 
     async def _listen(self, reader: asyncio.StreamReader) -> None:
         while line := await reader.readline():
-            message = json.loads(line)
-            if message["t"] == "state":
-                self.apply(message["backends"])
-                self.first_state.set()
-            elif message["t"] == "reload":
-                self._on_reload()
-            elif message["t"] == "stop":
-                self._on_stop(float(message["timeout"]))
+            try:
+                message = json.loads(line)
+                if message["t"] == "state":
+                    self.last_states = message["backends"]
+                    self.apply(self.last_states)
+                    self.first_state.set()
+                elif message["t"] == "reload":
+                    self._on_reload()
+                elif message["t"] == "stop":
+                    self._on_stop(float(message["timeout"]))
+            except Exception:
+                log.exception("proxy process: bad message from the main process: %r", line[:200])
         log.warning("main process gone: stopping")
         self._on_stop(1.0)
 
@@ -286,6 +301,8 @@ class ReplicaLink:
         seen: set[str] = set()
         for state in states:
             seen.add(state["id"])
+            if state["pool"] not in b.config.pools:
+                continue          # a pool from a reload this process has not read yet: next time
             backend_set = b.registry.pool(state["pool"])
             backend = backend_set.get(state["id"])
             if backend is None:
@@ -348,9 +365,14 @@ async def run_replica(config: Config, fd: int, port: int, index: int) -> None:
                 await balancer.reload(replica_config(load_config(config.source)))
             except Exception:
                 log.exception("proxy process %d: reload failed", index)
+                return
+            link.apply(link.last_states)     # backends of pools that only now exist here
         balancer.start_rollout(reload(), "replica reload")
 
     link = ReplicaLink(balancer, fd, on_stop, on_reload)
+    # A reload here adds pools without backends (they come from the main process): fill them in
+    # before the new routes are switched on, so no request meets an empty new pool.
+    balancer.before_routes_swap = lambda: link.apply(link.last_states)
     await link.start()
     async with asyncio.timeout(30):
         await link.first_state.wait()

@@ -93,3 +93,33 @@ def test_a_killed_replica_is_restarted(balancer_process: Any) -> None:
                message="replacement serving")
     for _ in range(20):
         assert _get(f"http://127.0.0.1:{port}/")[0] == 200
+
+
+async def test_reload_reaches_every_proxy_process(balancer_process: Any, backend_ports: Any,
+                                                  tmp_path: Any) -> None:
+    """A reload adding a pool and a route applies in the replica too: every request is routed."""
+    import aiohttp
+
+    from tests.conftest import async_wait_until
+    (api_port,) = await backend_ports(1)
+    proc = balancer_process(CONFIG)
+    port, admin, _ = await async_wait_until(lambda: _started(proc), timeout=30, message="both up")
+    config_file = next(tmp_path.glob("balancer0.yaml"))
+    config_file.write_text(CONFIG + f"  api:\n    servers: [{{address: 127.0.0.1:{api_port}}}]\n"
+                           "routes:\n  - {path_prefix: /api, pool: api}\n  - {path_prefix: /, pool: web}\n")
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"http://127.0.0.1:{admin}/reload?wait=10s") as resp:
+            assert (await resp.json())["reloaded"] is True
+
+        async def backends_seen() -> set[str]:
+            seen = set()
+            for _ in range(30):                 # a new connection each time: both processes answer
+                async with aiohttp.ClientSession() as fresh:
+                    async with fresh.get(f"http://127.0.0.1:{port}/api/echo") as resp:
+                        seen.add(resp.headers.get("X-Backend", str(resp.status)))
+            return seen
+
+        async def all_routed() -> bool:      # replicas apply a reload within milliseconds of the main
+            return await backends_seen() == {"b1"}
+
+        await async_wait_until(all_routed, timeout=10, message="every process routes /api to b1")
