@@ -1,0 +1,105 @@
+"""One upstream connection's parser paths, fed byte by byte: heads split anywhere, large bodies taken
+past the parser, HEAD responses, chunked bodies and trailers, bytes beyond a response."""
+
+from __future__ import annotations
+
+import pytest
+
+from balancer.upstream import PASSTHROUGH_MIN, UpstreamConnection
+
+
+def connection(expect_no_body: bool = False) -> UpstreamConnection:
+    conn = UpstreamConnection("127.0.0.1:9")
+    conn.mark_active()
+    conn._expect_no_body = expect_no_body
+    return conn
+
+
+def feed(conn: UpstreamConnection, data: bytes, step: int) -> None:
+    for i in range(0, len(data), step):
+        conn.data_received(data[i:i + step])
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 7, 1000, 1 << 20])
+async def test_large_body_split_anywhere_arrives_whole(step: int) -> None:
+    """A >= 64 KiB Content-Length body (taken past llhttp) is exact however the bytes are cut."""
+    body = bytes(range(256)) * (PASSTHROUGH_MIN // 256 + 3)
+    response = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-A: b\r\n\r\n" % len(body) + body
+    conn = connection()
+    feed(conn, response, step)
+    head = await conn.read_head(1.0)
+    assert head.status == 200 and head.content_length == len(body) and (b"X-A", b"b") in head.headers
+    got = b""
+    while chunk := await conn.read_body(1.0):
+        got += chunk
+    assert got == body and conn.is_reusable
+
+
+@pytest.mark.parametrize("step", [1, 5, 1000])
+async def test_head_response_ends_at_its_head(step: int) -> None:
+    """A HEAD response's Content-Length does not make us wait for a body; the connection is reusable."""
+    conn = connection(expect_no_body=True)
+    feed(conn, b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n", step)
+    head = await conn.read_head(1.0)
+    assert head.content_length == 5000 and conn.response_complete and conn.is_reusable
+
+
+async def test_bytes_after_a_head_response_forbid_reuse() -> None:
+    """Anything after a HEAD response's head means a confused backend: never reused."""
+    conn = connection(expect_no_body=True)
+    conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc")
+    await conn.read_head(1.0)
+    assert conn.response_complete and not conn.is_reusable
+
+
+async def test_more_body_than_announced_forbids_reuse() -> None:
+    """A large body followed by extra bytes is cut at Content-Length and the connection not reused."""
+    body = b"x" * PASSTHROUGH_MIN
+    conn = connection()
+    conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body + b"junk")
+    await conn.read_head(1.0)
+    assert conn.take_body() == body and not conn.is_reusable
+
+
+@pytest.mark.parametrize("step", [1, 4, 1000])
+async def test_chunked_body_and_trailers(step: int) -> None:
+    """A chunked body is de-chunked; trailer fields are kept apart from the head's fields."""
+    conn = connection()
+    feed(conn, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n"
+               b"X-Sum: 9\r\n\r\n", step)
+    head = await conn.read_head(1.0)
+    got = b""
+    while chunk := await conn.read_body(1.0):
+        got += chunk
+    assert head.chunked and got == b"abcde" and conn.trailers == [(b"X-Sum", b"9")]
+    assert all(name != b"X-Sum" for name, _ in head.headers) and conn.is_reusable
+
+
+async def test_interim_then_large_final_response() -> None:
+    """A 103 before a large final response: the final head and body come through intact."""
+    body = b"y" * (PASSTHROUGH_MIN + 10)
+    conn = connection()
+    feed(conn, b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n"
+         % len(body) + body, 1000)
+    head = await conn.read_head(1.0)
+    got = b""
+    while chunk := await conn.read_body(1.0):
+        got += chunk
+    assert head.status == 200 and got == body
+
+
+async def test_connection_reused_after_head_and_large_bodies() -> None:
+    """After a stopped parser (HEAD, large body) the next response on the connection parses normally."""
+    conn = connection(expect_no_body=True)
+    conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n")
+    await conn.read_head(1.0)
+    big = b"z" * PASSTHROUGH_MIN
+    for response, expect_no_body, body in (
+            (b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(big) + big, False, big),
+            (b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok", False, b"ok")):
+        conn.mark_idle()
+        conn.mark_active()
+        conn._expect_no_body = expect_no_body
+        conn.data_received(response)
+        await conn.read_head(1.0)
+        assert conn.take_body() == body and conn.is_reusable
