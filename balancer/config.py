@@ -3,8 +3,9 @@
 Theory of operation
 -------------------
 The text is *composed* (``yaml.compose``), not loaded: composing keeps every key and value as a node with
-its line, and keeps duplicate keys that ``yaml.safe_load`` would silently collapse. A ``_Reader`` then
-walks the node tree against schema tables (YAML key -> dataclass attribute, converter), so that
+its line, and keeps duplicate keys that ``yaml.safe_load`` would silently collapse. A ``Reader``
+(:mod:`balancer.yamlread`) then walks the node tree against schema tables (YAML key -> dataclass
+attribute, converter), so that
 
 - every mapping is checked for duplicate and unknown keys before any of its values is converted;
 - every scalar goes through ``${VAR}`` substitution on its own node, after parsing, so an environment
@@ -13,14 +14,14 @@ walks the node tree against schema tables (YAML key -> dataclass attribute, conv
 - every failure is one ``ConfigError`` with file, line and dotted path (``pools.web.servers[0].address``).
 
 A key set to ``null`` (or left empty) means the same as leaving it out: the dataclass default applies.
-Defaults therefore live in one place, the dataclasses below, and ``dump_effective`` writes them back out
-with the same schema tables, which is what keeps ``parse_config(dump_effective(c)) == c`` true.
+Defaults therefore live in one place, the dataclasses in :mod:`balancer.models`, and ``dump_effective``
+writes them back out with the same schema tables, which is what keeps ``parse_config(dump_effective(c))
+== c`` true.
 """
 
 from __future__ import annotations
 
 import contextlib
-import difflib
 import hashlib
 import ipaddress
 import math
@@ -28,7 +29,7 @@ import os
 import re
 import shlex
 from collections.abc import Callable, Mapping
-from typing import Any, TypeGuard, TypeVar
+from typing import Any, TypeGuard
 
 import yaml
 
@@ -51,6 +52,7 @@ from balancer.models import (
     SpawnConfig,
     TimeoutsConfig,
 )
+from balancer.yamlread import NULL_TAG, Converter, Loader, Reader, Schema, T, join_path, show
 
 __all__ = [
     "BALANCE_POLICIES", "DEFAULT_CONFIG_PATH", "LOG_LEVELS", "AdminConfig", "Config", "ConnectionsConfig",
@@ -85,11 +87,11 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
 def parse_config(text: str, source: str = "<string>", environ: Mapping[str, str] | None = None) -> Config:
     """Validate ``text``; ``source`` names it in messages. ``environ`` defaults to ``os.environ``."""
     loader, root = _compose(text, source)
-    if root is None or (isinstance(root, yaml.ScalarNode) and root.tag == _NULL):
+    if root is None or (isinstance(root, yaml.ScalarNode) and root.tag == NULL_TAG):
         raise ConfigError("the file is empty; a config needs at least a `pools` section", file=source, line=1)
-    reader = _Reader(source, os.environ if environ is None else environ, loader)
+    reader = Reader(source, os.environ if environ is None else environ, loader)
     if not isinstance(root, yaml.MappingNode):
-        shown = _show(reader.value(root, ""))
+        shown = show(reader.value(root, ""))
         raise reader.error(f"expected a mapping at the top level, got {shown}", root, "")
     fields = reader.fields(root, "", _CONFIG, required=("pools",))
     if "routes" not in fields:
@@ -103,10 +105,10 @@ _DURATION = re.compile(r"(?P<number>[+-]?(?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?)\s*(?
 _UNIT_SECONDS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
-def _compose(text: str, source: str) -> tuple[_Loader, yaml.Node | None]:
+def _compose(text: str, source: str) -> tuple[Loader, yaml.Node | None]:
     """The node tree of ``text`` (None when it holds no document), YAML syntax errors translated."""
     try:
-        loader = _Loader(text)  # already scans for characters YAML forbids (a ReaderError)
+        loader = Loader(text)  # already scans for characters YAML forbids (a ReaderError)
         try:
             return loader, loader.get_single_node()
         finally:
@@ -134,11 +136,11 @@ def parse_duration(value: object) -> float:
             seconds, unit = float(match["number"]), (match["unit"] or "").lower()
             seconds = seconds / 1000 if unit == "ms" else seconds * _UNIT_SECONDS[unit]
         else:
-            raise ConfigError(f"expected a duration like '2s' or '500ms', got {_show(value)}")
+            raise ConfigError(f"expected a duration like '2s' or '500ms', got {show(value)}")
     except OverflowError:
         seconds = math.inf
     if not math.isfinite(seconds) or seconds < 0:
-        raise ConfigError(f"expected a finite duration >= 0, got {_show(value)}")
+        raise ConfigError(f"expected a finite duration >= 0, got {show(value)}")
     return seconds
 
 
@@ -163,177 +165,12 @@ def dump_effective(config: Config) -> str:
     return header + body
 
 
-# --- the node walker -------------------------------------------------------------------------------------
-
-_STR = "tag:yaml.org,2002:str"
-_NULL = "tag:yaml.org,2002:null"
-_MERGE = "tag:yaml.org,2002:merge"
-
-
-class _Loader(yaml.SafeLoader):
-    """A SafeLoader that remembers which scalars were plain and untagged: only those are re-typed after
-    ``${VAR}`` substitution (``"${PORT}"`` and ``!!str ${PORT}`` stay strings).
-    """
-
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self.retyped: set[int] = set()  # id() of nodes; the tree keeps them alive for the whole parse
-
-    def compose_scalar_node(self, anchor: Any) -> yaml.ScalarNode:  # (the stubs mistype `anchor`)
-        event = self.peek_event()  # type: ignore[no-untyped-call]  # untyped in types-PyYAML
-        node = super().compose_scalar_node(anchor)
-        if getattr(event, "tag", None) is None and getattr(event, "style", None) is None:
-            self.retyped.add(id(node))
-        return node
-
-
-T = TypeVar("T")
-Converter = Callable[["_Reader", yaml.Node, str], Any]
-Schema = Mapping[str, tuple[str, Converter]]  # YAML key -> (dataclass attribute, converter)
-
-
-class _Reader:
-    """One parse: turns nodes into values, or into a located ``ConfigError``."""
-
-    __slots__ = ("environ", "loader", "pool_names", "source")
-
-    def __init__(self, source: str, environ: Mapping[str, str], loader: _Loader) -> None:
-        self.source = source
-        self.environ = environ
-        self.loader = loader
-        self.pool_names: tuple[str, ...] = ()  # set by _pools; the top-level schema lists pools first
-
-    def error(self, message: str, node: yaml.Node, path: str) -> ConfigError:
-        return ConfigError(message, file=self.source, line=node.start_mark.line + 1, path=path or None)
-
-    def value(self, node: yaml.Node, path: str) -> object:
-        """A scalar's Python value after substitution; a mapping or list comes back as its node."""
-        if not isinstance(node, yaml.ScalarNode):
-            return node
-        if node.tag == _STR and "$" in node.value:
-            text = self.substitute(node, path)
-            if id(node) not in self.loader.retyped:
-                return text
-            tag = self.loader.resolve(yaml.ScalarNode, text, (True, False))  # type: ignore[no-untyped-call]
-            node = yaml.ScalarNode(tag, text, node.start_mark, node.end_mark)
-        try:
-            return self.loader.construct_object(node)
-        except (yaml.YAMLError, ValueError) as exc:  # an explicit tag that does not fit, like `!!int x`
-            reason = exc.problem if isinstance(exc, yaml.MarkedYAMLError) else exc
-            raise self.error(f"cannot read value: {reason}", node, path) from None
-
-    def text(self, node: yaml.Node, path: str) -> str:
-        """A scalar's source text after substitution, untyped: for argv items and environment values,
-        where ``1.0`` should stay ``"1.0"`` and ``yes`` stay ``"yes"``.
-        """
-        if not isinstance(node, yaml.ScalarNode) or node.tag == _NULL:
-            raise self.error(f"expected a string, got {_show(self.value(node, path))}", node, path)
-        return self.substitute(node, path)
-
-    def substitute(self, node: yaml.ScalarNode, path: str) -> str:
-        try:
-            return _ENV_REF.sub(lambda match: _expand(match, self.environ), node.value)
-        except ConfigError as exc:
-            raise self.error(exc.reason, node, path) from None
-
-    def is_null(self, node: yaml.Node, path: str) -> bool:
-        return isinstance(node, yaml.ScalarNode) and self.value(node, path) is None
-
-    def mapping(self, node: yaml.Node, path: str,
-                allowed: Mapping[str, object] | None) -> dict[str, tuple[yaml.Node, yaml.Node]]:
-        """Key -> (key node, value node), refusing duplicates and keys not in ``allowed`` (None = any)."""
-        if not isinstance(node, yaml.MappingNode):
-            raise self.error(f"expected a mapping, got {_show(self.value(node, path))}", node, path)
-        pairs: dict[str, tuple[yaml.Node, yaml.Node]] = {}
-        for key_node, value_node in node.value:
-            if not isinstance(key_node, yaml.ScalarNode):
-                raise self.error("keys must be plain strings", key_node, path)
-            key = key_node.value
-            where = _join(path, key)
-            if key_node.tag == _MERGE:
-                raise self.error("YAML merge keys ('<<') are not supported; alias a whole section instead",
-                                 key_node, path)
-            if key in pairs:
-                first = pairs[key][0].start_mark.line + 1
-                raise self.error(f"duplicate key (first given on line {first})", key_node, where)
-            if allowed is not None and key not in allowed:
-                raise self.error(_unknown_key(key, list(allowed)), key_node, where)
-            pairs[key] = (key_node, value_node)
-        return pairs
-
-    def fields(self, node: yaml.Node, path: str, schema: Schema,
-               required: tuple[str, ...] = ()) -> dict[str, Any]:
-        """Dataclass keyword arguments for the keys present, converted in schema order."""
-        pairs = self.mapping(node, path, schema)
-        present = {key: value for key, (_, value) in pairs.items()
-                   if not self.is_null(value, _join(path, key))}
-        for key in required:
-            if key not in present:
-                raise self.error(f"missing required key {key!r}", node, path)
-        return {attr: convert(self, present[key], _join(path, key))
-                for key, (attr, convert) in schema.items() if key in present}
-
-    def items(self, node: yaml.Node, path: str) -> list[tuple[yaml.Node, str]]:
-        """A list's items with their paths (``routes[0]``)."""
-        if not isinstance(node, yaml.SequenceNode):
-            raise self.error(f"expected a list, got {_show(self.value(node, path))}", node, path)
-        return [(item, f"{path}[{index}]") for index, item in enumerate(node.value)]
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def _show(value: object) -> str:
-    """A value as the operator wrote it: YAML spellings for null and booleans, repr otherwise."""
-    if isinstance(value, yaml.MappingNode):
-        return "a mapping"
-    if isinstance(value, yaml.SequenceNode):
-        return "a list"
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return repr(value)
-
-
-def _unknown_key(key: str, allowed: list[str]) -> str:
-    close = difflib.get_close_matches(key, allowed, n=1)
-    if close:
-        return f"unknown key (did you mean {close[0]!r}?)"
-    return f"unknown key (allowed: {', '.join(allowed)})"
-
-
-# `$$` is a literal `$`; `${` must be closed. A `$` before anything else is left alone ("pa$word").
-_ENV_REF = re.compile(r"\$(?:(\$)|\{(?P<body>[^}]*)\}|\{)")
-_ENV_BODY = re.compile(r"(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>.*))?", re.DOTALL)
-
-
-def _expand(match: re.Match[str], environ: Mapping[str, str]) -> str:
-    if match[1]:
-        return "$"
-    body = match["body"]
-    if body is None:
-        raise ConfigError("unterminated '${' (write '$$' for a literal '$')")
-    ref = _ENV_BODY.fullmatch(body)
-    if ref is None:
-        raise ConfigError(f"bad variable reference '${{{body}}}': use ${{NAME}} or ${{NAME:-default}}")
-    name, default = ref["name"], ref["default"]
-    value = environ.get(name)
-    # Shell semantics: `:-` also replaces a variable that is set but empty.
-    if value is not None and (value or default is None):
-        return value
-    if default is not None:
-        return default
-    raise ConfigError(f"environment variable {name!r} is not set")
-
-
 # --- converters: (reader, node, path) -> value ------------------------------------------------------------
 # Scalar checks take the substituted value and raise an unlocated ConfigError; `_scalar` adds the location.
 
 
-def _scalar(check: Callable[[Any], T]) -> Callable[[_Reader, yaml.Node, str], T]:
-    def convert(reader: _Reader, node: yaml.Node, path: str) -> T:
+def _scalar(check: Callable[[Any], T]) -> Callable[[Reader, yaml.Node, str], T]:
+    def convert(reader: Reader, node: yaml.Node, path: str) -> T:
         try:
             return check(reader.value(node, path))
         except ConfigError as exc:
@@ -343,8 +180,8 @@ def _scalar(check: Callable[[Any], T]) -> Callable[[_Reader, yaml.Node, str], T]
     return convert
 
 
-def _section(cls: Callable[..., T], schema: Schema) -> Callable[[_Reader, yaml.Node, str], T]:
-    def convert(reader: _Reader, node: yaml.Node, path: str) -> T:
+def _section(cls: Callable[..., T], schema: Schema) -> Callable[[Reader, yaml.Node, str], T]:
+    def convert(reader: Reader, node: yaml.Node, path: str) -> T:
         return cls(**reader.fields(node, path, schema))
     return convert
 
@@ -358,7 +195,7 @@ def _integer(low: int, high: int | None = None) -> Converter:
         if _is_int(value) and low <= value and (high is None or value <= high):
             return value
         bound = f">= {low}" if high is None else f"in {low}..{high}"
-        raise ConfigError(f"expected an integer {bound}, got {_show(value)}")
+        raise ConfigError(f"expected an integer {bound}, got {show(value)}")
     return _scalar(check)
 
 
@@ -366,7 +203,7 @@ def _duration(*, positive: bool = False) -> Converter:
     def check(value: object) -> float:
         seconds = parse_duration(value)
         if positive and seconds == 0:
-            raise ConfigError(f"expected a duration > 0, got {_show(value)}")
+            raise ConfigError(f"expected a duration > 0, got {show(value)}")
         return seconds
     return _scalar(check)
 
@@ -375,27 +212,27 @@ def _string_value(value: object) -> str:
     if isinstance(value, str) and value:
         return value
     hint = " (quote it to make it a string)" if isinstance(value, (int, float)) else ""
-    raise ConfigError(f"expected a non-empty string, got {_show(value)}{hint}")
+    raise ConfigError(f"expected a non-empty string, got {show(value)}{hint}")
 
 
 def _boolean_value(value: object) -> bool:
     if isinstance(value, bool):
         return value
-    raise ConfigError(f"expected true or false, got {_show(value)}")
+    raise ConfigError(f"expected true or false, got {show(value)}")
 
 
 def _choice(*options: str) -> Converter:
     def check(value: object) -> str:
         if isinstance(value, str) and value.lower() in options:
             return value.lower()
-        raise ConfigError(f"expected one of {', '.join(options)}, got {_show(value)}")
+        raise ConfigError(f"expected one of {', '.join(options)}, got {show(value)}")
     return _scalar(check)
 
 
 def _url_path_value(value: object) -> str:
     if isinstance(value, str) and value.startswith("/"):
         return value
-    raise ConfigError(f"expected a path starting with '/', got {_show(value)}")
+    raise ConfigError(f"expected a path starting with '/', got {show(value)}")
 
 
 def _workers_value(value: object) -> int:
@@ -403,7 +240,7 @@ def _workers_value(value: object) -> int:
         return os.cpu_count() or 1
     if _is_int(value) and value >= 1:
         return value
-    raise ConfigError(f"expected an integer >= 1 or 'auto', got {_show(value)}")
+    raise ConfigError(f"expected an integer >= 1 or 'auto', got {show(value)}")
 
 
 _SIZE = re.compile(r"(?P<number>\d+(?:\.\d+)?)\s*(?P<unit>[kmg]i?b|b)?", re.IGNORECASE | re.ASCII)
@@ -416,7 +253,7 @@ def _size_value(value: object) -> int:
         return value
     match = _SIZE.fullmatch(value.strip()) if isinstance(value, str) else None
     if match is None:
-        raise ConfigError(f"expected a size in bytes like 1048576 or '10MiB', got {_show(value)}")
+        raise ConfigError(f"expected a size in bytes like 1048576 or '10MiB', got {show(value)}")
     unit = match["unit"].lower() if match["unit"] else None
     return int(float(match["number"]) * _SIZE_UNITS[unit])
 
@@ -434,7 +271,7 @@ def _status_range_value(value: object) -> tuple[int, int]:
         low, high = 0, -1
     if not 100 <= low <= high <= 599:
         raise ConfigError(f"expected a status or range like 200 or '200-399' within 100..599, "
-                          f"got {_show(value)}")
+                          f"got {show(value)}")
     return low, high
 
 
@@ -442,7 +279,7 @@ def _cidr_value(value: object) -> str:
     if isinstance(value, str):
         with contextlib.suppress(ValueError):
             return str(ipaddress.ip_network(value.strip(), strict=False))
-    raise ConfigError(f"expected an IP network like '10.0.0.0/8' or '::1', got {_show(value)}")
+    raise ConfigError(f"expected an IP network like '10.0.0.0/8' or '::1', got {show(value)}")
 
 
 _ADDRESS = re.compile(r"(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:\[\]\s/]+)):(?P<port>\d{1,5})", re.ASCII)
@@ -472,22 +309,22 @@ _STRING = _scalar(_string_value)
 _ADDRESS_TEXT = _scalar(_address_value)
 
 
-def _hostname(reader: _Reader, node: yaml.Node, path: str) -> str:
+def _hostname(reader: Reader, node: yaml.Node, path: str) -> str:
     return _STRING(reader, node, path).lower()  # Host headers compare case-insensitively
 
 
-def _cidrs(reader: _Reader, node: yaml.Node, path: str) -> tuple[str, ...]:
+def _cidrs(reader: Reader, node: yaml.Node, path: str) -> tuple[str, ...]:
     # Stored normalised (`10.0.0.1` -> `10.0.0.1/32`), so consumers can compare strings.
     return tuple(_scalar(_cidr_value)(reader, item, where) for item, where in reader.items(node, path))
 
 
-def _command(reader: _Reader, node: yaml.Node, path: str) -> tuple[str, ...]:
+def _command(reader: Reader, node: yaml.Node, path: str) -> tuple[str, ...]:
     if isinstance(node, yaml.SequenceNode):
         argv = tuple(reader.text(item, where) for item, where in reader.items(node, path))
     else:
         line = reader.value(node, path)
         if not isinstance(line, str):
-            message = f"expected a list of arguments or a command line, got {_show(line)}"
+            message = f"expected a list of arguments or a command line, got {show(line)}"
             raise reader.error(message, node, path)
         try:
             argv = tuple(shlex.split(line))
@@ -498,17 +335,17 @@ def _command(reader: _Reader, node: yaml.Node, path: str) -> tuple[str, ...]:
     return argv
 
 
-def _env(reader: _Reader, node: yaml.Node, path: str) -> tuple[tuple[str, str], ...]:
+def _env(reader: Reader, node: yaml.Node, path: str) -> tuple[tuple[str, str], ...]:
     pairs = []
     for name, (key_node, value_node) in reader.mapping(node, path, None).items():
-        where = _join(path, name)
+        where = join_path(path, name)
         if not name or "=" in name or "\0" in name:
             raise reader.error("not a valid environment variable name", key_node, where)
         pairs.append((name, reader.text(value_node, where)))
     return tuple(pairs)
 
 
-def _server(reader: _Reader, node: yaml.Node, path: str) -> ServerConfig:
+def _server(reader: Reader, node: yaml.Node, path: str) -> ServerConfig:
     if isinstance(node, yaml.MappingNode):
         fields = reader.fields(node, path, _SERVER, required=("address",))
     else:  # the short form: a bare "host:port" list item
@@ -517,7 +354,7 @@ def _server(reader: _Reader, node: yaml.Node, path: str) -> ServerConfig:
     return ServerConfig(host=host, port=port, **fields)
 
 
-def _servers(reader: _Reader, node: yaml.Node, path: str) -> tuple[ServerConfig, ...]:
+def _servers(reader: Reader, node: yaml.Node, path: str) -> tuple[ServerConfig, ...]:
     servers: dict[tuple[str, int], ServerConfig] = {}
     for item, where in reader.items(node, path):
         server = _server(reader, item, where)
@@ -527,7 +364,7 @@ def _servers(reader: _Reader, node: yaml.Node, path: str) -> tuple[ServerConfig,
     return tuple(servers.values())
 
 
-def _connections(reader: _Reader, node: yaml.Node, path: str) -> ConnectionsConfig:
+def _connections(reader: Reader, node: yaml.Node, path: str) -> ConnectionsConfig:
     limits = ConnectionsConfig(**reader.fields(node, path, _CONNECTIONS))
     if limits.min_idle > limits.max_idle:
         message = f"min_idle ({limits.min_idle}) must not exceed max_idle ({limits.max_idle})"
@@ -537,23 +374,23 @@ def _connections(reader: _Reader, node: yaml.Node, path: str) -> ConnectionsConf
         return limits
     # min_idle must have been given explicitly: its default, 0, cannot break either rule.
     min_idle_node = next(value for key, value in node.value if key.value == "min_idle")
-    raise reader.error(message, min_idle_node, _join(path, "min_idle"))
+    raise reader.error(message, min_idle_node, join_path(path, "min_idle"))
 
 
 _POOL_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
-def _pools(reader: _Reader, node: yaml.Node, path: str) -> PoolMap:
+def _pools(reader: Reader, node: yaml.Node, path: str) -> PoolMap:
     pairs = reader.mapping(node, path, None)
     if not pairs:
         raise reader.error("at least one pool is required", node, path)
-    pools = PoolMap(_pool(reader, name, key_node, value_node, _join(path, name))
+    pools = PoolMap(_pool(reader, name, key_node, value_node, join_path(path, name))
                     for name, (key_node, value_node) in pairs.items())
     reader.pool_names = tuple(pools)
     return pools
 
 
-def _pool(reader: _Reader, name: str, key_node: yaml.Node, node: yaml.Node, path: str) -> PoolConfig:
+def _pool(reader: Reader, name: str, key_node: yaml.Node, node: yaml.Node, path: str) -> PoolConfig:
     if not _POOL_NAME.fullmatch(name):
         raise reader.error("a pool name may only use letters, digits, '_', '.' and '-'", key_node, path)
     fields = {} if reader.is_null(node, path) else reader.fields(node, path, _POOL)
@@ -563,14 +400,14 @@ def _pool(reader: _Reader, name: str, key_node: yaml.Node, node: yaml.Node, path
     return pool
 
 
-def _route_pool(reader: _Reader, node: yaml.Node, path: str) -> str:
+def _route_pool(reader: Reader, node: yaml.Node, path: str) -> str:
     name = _STRING(reader, node, path)
     if name not in reader.pool_names:
         raise reader.error(f"no pool named {name!r} (pools: {', '.join(reader.pool_names)})", node, path)
     return name
 
 
-def _routes(reader: _Reader, node: yaml.Node, path: str) -> tuple[RouteConfig, ...]:
+def _routes(reader: Reader, node: yaml.Node, path: str) -> tuple[RouteConfig, ...]:
     items = reader.items(node, path)
     if not items:  # almost certainly a mistake: nothing at all would be routed
         raise reader.error("no routes: add one, or remove `routes` to send everything to the first pool",
