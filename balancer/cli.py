@@ -8,11 +8,14 @@ that did not finish), 2 configuration or usage error (like ``nginx -t``).
 from __future__ import annotations
 
 import argparse
+import atexit
 import ctypes
 import gc
 import json
 import logging
+import logging.handlers
 import os
+import queue
 import sys
 from collections.abc import Sequence
 
@@ -69,8 +72,17 @@ def _admin_arguments(cmd: argparse.ArgumentParser) -> None:
 
 
 def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    """Log lines are written by a thread (QueueHandler -> QueueListener): a slow or blocked stderr
+    (a full pipe to a log shipper) never stalls the event loop; the loop only queues records."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    listener = logging.handlers.QueueListener(records, handler)
+    to_thread = logging.handlers.QueueHandler(records)
+    to_thread.setFormatter(logging.Formatter("%(message)s"))   # the listener's handler formats the line
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[to_thread])
+    listener.start()
+    atexit.register(listener.stop)
 
 
 def _tune_malloc() -> None:

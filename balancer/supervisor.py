@@ -415,7 +415,8 @@ class Supervisor:
             text = line.decode("utf-8", "replace").rstrip()
             worker.stderr_tail.append(text)
             if self._echo_stderr:
-                sys.stderr.write(f"[{worker.id}] {text}\n")
+                # Through logging (written by the log thread), never a blocking write on the loop.
+                logging.getLogger(f"worker.{worker.id}").info("%s", text)
 
     async def _terminate(self, process: asyncio.subprocess.Process, timeout: float) -> None:
         if process.returncode is not None:
