@@ -77,7 +77,6 @@ class PoolRuntime:
     name: str
     backends: BackendSet
     selector: Selector
-    connect_timeout_s: float
     response_timeout_s: float
     read_timeout_s: float
     retries: int

@@ -65,14 +65,17 @@ class Backend:
     remote_in_flight: int = 0       # in other proxy processes (workers > 1), as they last reported
     # Why the backend is not ready, for logs and stats ("process exited", "health: 503", ...).
     reason: str = ""
-    address: str = field(init=False)
     # The weight pickers use: ``weight``, or less while ramping up after readmission (slow start).
     effective_weight: float = field(init=False)
 
     def __post_init__(self) -> None:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        self.address = f"{host}:{self.port}"
         self.effective_weight = float(self.weight)
+
+    @property
+    def address(self) -> str:
+        """``host:port`` (``[v6]:port``), derived so that it can never disagree with them."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
 
     @property
     def is_ready(self) -> bool:

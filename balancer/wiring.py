@@ -43,7 +43,7 @@ def worker_spec(p: PoolConfig) -> WorkerSpec:
 
 def pool_runtime(p: PoolConfig, backend_set: BackendSet) -> PoolRuntime:
     return PoolRuntime(name=p.name, backends=backend_set, selector=make_selector(p.balance),
-                       connect_timeout_s=p.timeouts.connect_s, response_timeout_s=p.timeouts.response_s,
+                       response_timeout_s=p.timeouts.response_s,
                        read_timeout_s=p.timeouts.read_s, retries=p.retries)
 
 

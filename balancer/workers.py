@@ -313,7 +313,6 @@ class ReplicaLink:
             if (backend.host, backend.port) != (state["host"], state["port"]):
                 b.upstream.remove(backend.id)
                 backend.host, backend.port = state["host"], state["port"]
-                backend.__post_init__()
                 b.attach_backend(backend)
 
             def change(x: Backend, s: dict[str, Any] = state) -> None:
