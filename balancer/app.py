@@ -69,7 +69,7 @@ class Balancer:
         self.registry.alive_listeners.append(self.passive.on_alive_changed)
         router = Router([Route(name=r.name, pool=r.pool, path_prefix=r.path_prefix.encode(),
                                host=r.host.encode() if r.host else None) for r in cfg.routes])
-        self.proxy = Proxy(router, runtimes, self.registry, self.upstream,
+        self.proxy = Proxy(router, runtimes, self.upstream,
                            TrustedProxies(cfg.trusted_proxies), cfg.limits)
         self.proxy.outcome_listeners.append(self.passive.on_outcome)
         self.admin = Admin(self) if cfg.admin is not None else None

@@ -44,7 +44,7 @@ from .headers import TrustedProxies, request_fields, response_fields
 from .models import LimitsConfig
 from .pool import ConnectionPool, UpstreamPools
 from .record import RequestRecord
-from .registry import Backend, BackendSet, Registry
+from .registry import Backend, BackendSet
 from .routing import Router
 from .selection import Selector
 from .server import ErrorResponse, ProxyResponse, refusal
@@ -96,13 +96,12 @@ class _Attempt:
 class Proxy:
     """The data-port handler. One instance per process; all state is in the registry and pools."""
 
-    def __init__(self, router: Router, pools: dict[str, PoolRuntime], registry: Registry,
+    def __init__(self, router: Router, pools: dict[str, PoolRuntime],
                  upstream: UpstreamPools, trusted: TrustedProxies,
                  limits: LimitsConfig | None = None) -> None:
         self.limits = limits or LimitsConfig()
         self.router = router
         self.pools = pools
-        self.registry = registry
         self.upstream = upstream
         self.trusted = trusted
         # Passive health: told (backend, ok) after every attempt that reached a verdict.
