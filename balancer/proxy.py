@@ -1,8 +1,9 @@
 """The request path: route -> snapshot -> pick -> lease -> send -> stream back.
 
-Runs as the handler of aiohttp's low-level ``web.Server`` (no router, no middlewares). Requests and
-responses are streamed; header fields travel as raw bytes (see :mod:`balancer.headers`); the response
-head is written by :class:`ProxyResponse` from those bytes instead of aiohttp's ``str`` headers.
+Runs as the request handler of the front door (:mod:`balancer.server`): each request arrives as an
+:class:`~balancer.server.Exchange`, aiohttp's parsed message and body stream plus the writer of our
+response. Requests and responses are streamed; header fields travel as raw bytes (see
+:mod:`balancer.headers`), and the response head is built from those bytes.
 
 Every failure maps to a status in one table, :data:`FAILURES`. Before the first response byte reaches
 the client, a failed attempt may be tried again:
@@ -24,7 +25,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from aiohttp import web
 from aiohttp.http_parser import RawRequestMessage
 
 from .errors import (
@@ -47,7 +47,7 @@ from .record import RequestRecord
 from .registry import Backend, BackendSet
 from .routing import Router
 from .selection import Selector
-from .server import ErrorResponse, ProxyResponse, refusal
+from .server import Exchange, refusal
 from .upstream import ResponseHead, UpstreamConnection
 
 log = logging.getLogger(__name__)
@@ -116,9 +116,9 @@ class Proxy:
         self._budget = RetryBudget()
         self._failure_log = ThrottledLog(log)
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(self, request: Exchange) -> None:
         self.requests += 1
-        message = request._message
+        message = request.message
         target: bytes = message.path.encode("utf-8", "surrogateescape")
         client_ip = _client_ip(request)
         record = RequestRecord(time.monotonic(), time.time(), message.method, target, client_ip)
@@ -126,22 +126,21 @@ class Proxy:
         if message.version[1] == 0:
             record.version = "1.0"
         try:
-            response = await self._handle(request, message, target, record)
+            await self._handle(request, message, target, record)
         finally:
             record.total_s = time.monotonic() - record.start
             for observer in self.observers:
                 observer(record)
-        return response
 
-    async def _handle(self, request: web.BaseRequest, message: RawRequestMessage, target: bytes,
-                      record: RequestRecord) -> web.StreamResponse:
+    async def _handle(self, request: Exchange, message: RawRequestMessage, target: bytes,
+                      record: RequestRecord) -> None:
         authority = None
         if target[:1] != b"/" and target != b"*":
             # Absolute form (RFC 9112 3.2.2): the target's authority replaces Host, and the backend
             # gets the origin form.
             split = _split_absolute(target)
             if split is None or message.method == "CONNECT":
-                return self._fail(record, 400, "refused", close=True)
+                return self._fail(request, record, 400, "refused", close=True)
             authority, target = split
         client = record.client
         head_info = request_fields(message.raw_headers, client.encode(), client in self.trusted,
@@ -151,10 +150,10 @@ class Proxy:
         if refused is not None:
             status, why = refused
             log.info("refused %s %r from %s: %d %s", message.method, target[:200], client, status, why)
-            return self._fail(record, status, "refused", close=True)
+            return self._fail(request, record, status, "refused", close=True)
         route = self.router.match(head_info.host, target)
         if route is None:
-            return self._fail(record, 404, "no_route")
+            return self._fail(request, record, 404, "no_route")
         record.route = route.name
         record.pool = route.pool
         runtime = self.pools[route.pool]
@@ -162,16 +161,17 @@ class Proxy:
         method = message.method
         max_body = self.limits.max_body
         if max_body and (request.content_length or 0) > max_body:
-            return self._fail(record, 413, "body_too_large", close=True)
+            return self._fail(request, record, 413, "body_too_large", close=True)
         body: list[bytes] = []          # a small body, kept as received for a possible replay
         body_size = 0
         streamed_body = False
         if request.body_exists:
             if message.headers.get("Expect", "").lower() == "100-continue":
                 # We read the body ourselves, so we give the client the go-ahead ourselves.
-                request.writer.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # type: ignore[union-attr]
+                if request.transport is not None:
+                    request.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             if 0 <= (request.content_length or -1) <= REPLAY_BODY_LIMIT:
-                content = request.content
+                content = request.payload
                 while chunk := await content.readany():
                     body.append(chunk)
                     body_size += len(chunk)
@@ -199,22 +199,23 @@ class Proxy:
             attempt, backend = await self._exchange(runtime, request, head, body, streamed_body,
                                                     retry_ok, method == "HEAD", record)
         except BodyTooLarge:
-            return self._fail(record, 413, "body_too_large", close=True)
+            return self._fail(request, record, 413, "body_too_large", close=True)
         except UpstreamError as exc:
             status, kind = FAILURES.get(type(exc), (502, "error"))
             self._failure_log.warning(kind, "%s %s -> %d (%s): %s", method, message.path, status, kind, exc)
-            return self._fail(record, status, kind, close=message.upgrade)
+            return self._fail(request, record, status, kind, close=message.upgrade)
         if tunnel and attempt.head.status == 101:
             return await self._tunnel(request, attempt, backend, record)
         return await self._stream_back(request, runtime, attempt, backend, record,
                                        close=message.upgrade)
 
-    def _fail(self, record: RequestRecord, status: int, kind: str, close: bool = False) -> ErrorResponse:
+    def _fail(self, request: Exchange, record: RequestRecord, status: int, kind: str,
+              close: bool = False) -> None:
         record.status = status
         record.error = kind
-        return ErrorResponse(status, kind, record.request_id, close=close or self.draining)
+        request.send_error(status, kind, record.request_id, close=close or self.draining)
 
-    async def _exchange(self, runtime: PoolRuntime, request: web.BaseRequest, head: bytes, body: list[bytes],
+    async def _exchange(self, runtime: PoolRuntime, request: Exchange, head: bytes, body: list[bytes],
                         streamed_body: bool, retry_ok: bool, is_head: bool,
                         record: RequestRecord) -> tuple[_Attempt, Backend]:
         """Try backends until one answers with a response head; raise the last failure otherwise.
@@ -260,7 +261,7 @@ class Proxy:
         assert last_exc is not None
         raise last_exc
 
-    async def _attempt_backend(self, runtime: PoolRuntime, pool: ConnectionPool, request: web.BaseRequest,
+    async def _attempt_backend(self, runtime: PoolRuntime, pool: ConnectionPool, request: Exchange,
                                head: bytes, body: list[bytes], streamed_body: bool, is_head: bool,
                                record: RequestRecord) -> _Attempt:
         """Send on one backend; replay once on a fresh connection if a reused one was already dead."""
@@ -293,11 +294,11 @@ class Proxy:
             return _Attempt(pool, conn, response_head)
         raise AssertionError("unreachable")
 
-    async def _send_streamed_body(self, conn: UpstreamConnection, request: web.BaseRequest) -> int:
+    async def _send_streamed_body(self, conn: UpstreamConnection, request: Exchange) -> int:
         chunked = request.content_length is None
         max_body = self.limits.max_body
         sent = 0
-        async for chunk in request.content.iter_any():
+        async for chunk in request.payload.iter_any():
             sent += len(chunk)
             if max_body and sent > max_body:
                 raise BodyTooLarge(f"request body over {max_body} bytes")
@@ -309,86 +310,84 @@ class Proxy:
             await conn.write(b"0\r\n\r\n")
         return sent
 
-    async def _stream_back(self, request: web.BaseRequest, runtime: PoolRuntime, attempt: _Attempt,
-                           backend: Backend, record: RequestRecord,
-                           close: bool = False) -> web.StreamResponse:
+    async def _stream_back(self, request: Exchange, runtime: PoolRuntime, attempt: _Attempt,
+                           backend: Backend, record: RequestRecord, close: bool = False) -> None:
         conn, head, pool = attempt.conn, attempt.head, attempt.pool
         ok = True
         record.status = head.status
-        response = ProxyResponse(head.status, head.reason, response_fields(head.headers, record.request_id),
-                                 None if head.chunked else head.content_length)
+        fields = response_fields(head.headers, record.request_id)
         if self.draining:
-            response.force_close()       # shutting down: this is the connection's last response
+            request.force_close()        # shutting down: this is the connection's last response
         sent = 0
         try:
+            is_head = request.method == "HEAD"
             close_delimited = (head.content_length is None and not head.chunked
                                and not conn.response_complete and head.status not in (204, 304)
-                               and request.method != "HEAD")
+                               and not is_head)
             if close_delimited or close:
                 # A close-delimited upstream body; or aiohttp marked the client connection as
                 # upgraded (an Upgrade we did not tunnel), so it cannot carry another request.
-                response.force_close()
+                request.force_close()
             if conn.response_complete and not close_delimited and not conn.trailers:
                 # The whole response is here already (the common small one): one write, framed by
                 # its now known length (even if the backend sent it chunked).
-                body = b"" if request.method == "HEAD" else conn.take_body()
+                body = b"" if is_head else conn.take_body()
                 sent = len(body)
-                response.send_whole(request, body)
-                return response
-            await response.prepare(request)
-            if request.method != "HEAD":
+                request.send_whole(head.status, head.reason, fields, body,
+                                   None if head.chunked else head.content_length)
+                return
+            request.start(head.status, head.reason, fields, None if head.chunked else head.content_length)
+            if not is_head:
                 while True:
                     data = await conn.read_body(runtime.read_timeout_s)
                     if not data:
                         break
                     sent += len(data)
-                    await response.write(data)
-            if conn.trailers and head.chunked:
-                await response.write_trailers(response_fields(conn.trailers, b""))
-            await response.write_eof()
-            return response
+                    await request.write(data)
+            trailers = response_fields(conn.trailers, b"") if conn.trailers and head.chunked else b""
+            await request.finish(trailers)
         except ConnectionError:
             # The client went away; the upstream connection is dirty and gets closed below.
             record.error = "client_gone"
-            return response
+            request.force_close()
+            request.finished = True
         except UpstreamError as exc:
             # The status has gone; all we can do is cut the client connection so it sees a short body.
             ok = False
             record.error = FAILURES.get(type(exc), (502, "error"))[1]
             self._failure_log.warning("cut", "%s %s: response from %s cut: %s", request.method,
-                                      request.path, backend.id, exc)
+                                      request.message.path, backend.id, exc)
             if request.transport is not None:
                 request.transport.abort()
-            return response
+            request.force_close()
+            request.finished = True
         finally:
             record.bytes_out = sent
             backend.in_flight -= 1
             pool.release(conn)
             self._outcome(backend, ok and head.status < 502)
 
-    async def _tunnel(self, request: web.BaseRequest, attempt: _Attempt, backend: Backend,
-                      record: RequestRecord) -> web.StreamResponse:
+    async def _tunnel(self, request: Exchange, attempt: _Attempt, backend: Backend,
+                      record: RequestRecord) -> None:
         """101 from the backend: pass it back, then relay bytes both ways until either side closes."""
         conn, head, pool = attempt.conn, attempt.head, attempt.pool
         record.status = 101
         upgrade = next((v for n, v in head.headers if n.lower() == b"upgrade"), b"")
         fields = response_fields(head.headers, record.request_id)
-        response = ProxyResponse(101, head.reason, fields + b"Connection: Upgrade\r\nUpgrade: " + upgrade
-                                 + b"\r\n", None)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         feed = _TunnelFeed(conn, done)
         try:
-            await response.prepare(request)
-            await response.write_eof()
+            request.send_whole(101, head.reason, fields + b"Connection: Upgrade\r\nUpgrade: " + upgrade
+                               + b"\r\n", b"")
             client = request.transport
             if client is None:
-                return response
+                return
             conn.start_tunnel(client, done)
             # aiohttp's hook for WebSockets: the "parser" gets every later client byte.
             request.protocol.set_parser(feed)  # type: ignore[arg-type]
             await done
-            return response
         finally:
+            request.finished = True
             record.bytes_in += feed.bytes
             record.bytes_out = conn.tunnel_bytes
             backend.in_flight -= 1
@@ -466,18 +465,14 @@ class RequestIds:
         return b"%s-%08x" % (self._prefix, self._count)
 
 
-def _client_ip(request: web.BaseRequest) -> str:
+def _client_ip(request: Exchange) -> str:
     """The peer address, looked up once per client connection (not per request)."""
     protocol = request.protocol
-    ip: str | None = getattr(protocol, "client_ip", None)
+    ip = protocol.client_ip
     if ip is None:
         transport = request.transport
         peer = transport.get_extra_info("peername") if transport is not None else None
-        ip = peer[0] if peer else "-"
-        try:
-            protocol.client_ip = ip  # type: ignore[attr-defined]
-        except AttributeError:      # a protocol with __slots__ (not ours): just don't cache
-            pass
+        ip = protocol.client_ip = str(peer[0]) if peer else "-"
     return ip
 
 
