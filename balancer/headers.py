@@ -31,13 +31,23 @@ _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:/+=@-]{1,200}")
 _RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
 
 
-def connection_tokens(headers: RawHeaders) -> frozenset[bytes]:
-    """Lower-cased field names listed in ``Connection`` (they are hop-by-hop too)."""
-    names: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            names.update(t.strip().lower() for t in value.split(b",") if t.strip())
-    return frozenset(names)
+# `Connection` tokens that name no other field we could be sending: nothing to filter for them.
+_PLAIN_TOKENS = HOP_BY_HOP | {b"close", b"keep-alive", b""}
+
+
+def connection_tokens(values: Iterable[bytes]) -> frozenset[bytes]:
+    """Lower-cased field names listed in the ``Connection`` field ``values`` (they are hop-by-hop
+    too), minus those dropped anyway (``keep-alive``, ``close``, ``upgrade``...): usually empty."""
+    names: set[bytes] | None = None
+    for value in values:
+        value = value.lower()
+        if value not in _PLAIN_TOKENS:          # not the usual lone `keep-alive` or `close`
+            names = names or set()
+            names.update(t.strip() for t in value.split(b","))
+    return frozenset(names - _PLAIN_TOKENS) if names else _NO_TOKENS
+
+
+_NO_TOKENS: frozenset[bytes] = frozenset()
 
 
 class TrustedProxies:
@@ -78,6 +88,29 @@ class RequestHead:
         self.size = size                # bytes in the client's header block, for limits
 
 
+# What to do with a field, by name. Looked up by the name *as received*: `_KIND` learns each spelling
+# on first sight (bounded), so the usual field costs one dict lookup and no lower-casing.
+_PASS, _DROP, _HOST, _CONNECTION, _REQUEST_ID_FIELD, _UPGRADE, _XFF, _XFP, _XFH = range(9)
+_KIND_BY_LOWER: dict[bytes, int] = {name: _DROP for name in _REQUEST_DROP}
+_KIND_BY_LOWER.update({b"host": _HOST, b"connection": _CONNECTION, b"x-request-id": _REQUEST_ID_FIELD,
+                       b"upgrade": _UPGRADE, b"x-forwarded-for": _XFF, b"x-forwarded-proto": _XFP,
+                       b"x-forwarded-host": _XFH})
+_RESPONSE_KIND_BY_LOWER: dict[bytes, int] = {name: _DROP for name in _RESPONSE_DROP}
+_RESPONSE_KIND_BY_LOWER.update({b"connection": _CONNECTION, b"x-request-id": _REQUEST_ID_FIELD})
+_KIND_CACHE_MAX = 4096
+
+
+def _learn(cache: dict[bytes, int], by_lower: dict[bytes, int], name: bytes) -> int:
+    kind = by_lower.get(name.lower(), _PASS)
+    if len(cache) < _KIND_CACHE_MAX:
+        cache[name] = kind
+    return kind
+
+
+_KIND: dict[bytes, int] = {}
+_RESPONSE_KIND: dict[bytes, int] = {}
+
+
 def request_fields(headers: RawHeaders, client_ip: bytes, trusted: bool, authority: bytes | None,
                    new_id: Callable[[], bytes], scheme: bytes = b"http") -> RequestHead:
     """One pass over the client's fields: the header block to send upstream, plus what routing,
@@ -85,71 +118,87 @@ def request_fields(headers: RawHeaders, client_ip: bytes, trusted: bool, authori
 
     ``authority`` (from an absolute-form target) replaces the Host field, as RFC 9112 3.2.2 requires.
     """
-    drop = _REQUEST_DROP
+    kinds = _KIND
     out: list[bytes] = []
     forwarded_for = forwarded_proto = forwarded_host = host = request_id = upgrade = b""
-    has_connection = False
-    size = 0
+    connection: list[bytes] = []
+    dropped = 0                     # bytes of the fields not copied (the size limit counts them)
     for name, value in headers:
-        size += len(name) + len(value) + 4
-        lname = name.lower()
-        if lname in drop:
-            if lname == b"connection":
-                has_connection = True
-            elif lname == b"x-request-id":
-                request_id = value if _REQUEST_ID.fullmatch(value) else b""
-            elif lname == b"upgrade":
-                upgrade = value
-            elif trusted:
-                if lname == b"x-forwarded-for":
-                    forwarded_for = forwarded_for + b", " + value if forwarded_for else value
-                elif lname == b"x-forwarded-proto":
-                    forwarded_proto = value
-                elif lname == b"x-forwarded-host":
-                    forwarded_host = value
+        kind = kinds.get(name)
+        if kind is None:
+            kind = _learn(kinds, _KIND_BY_LOWER, name)
+        if kind == _PASS:
+            out += (name, b": ", value, b"\r\n")
             continue
-        if lname == b"host":
-            if authority is not None:
-                continue
+        if kind == _HOST:
             host = value
-        out.append(name + b": " + value + b"\r\n")
+            if authority is None:
+                out += (name, b": ", value, b"\r\n")
+                continue
+        elif kind == _CONNECTION:
+            connection.append(value)
+        elif kind == _REQUEST_ID_FIELD:
+            request_id = value if _REQUEST_ID.fullmatch(value) else b""
+        elif kind == _UPGRADE:
+            upgrade = value
+        elif trusted:
+            if kind == _XFF and value:
+                forwarded_for = forwarded_for + b", " + value if forwarded_for else value
+            elif kind == _XFP:
+                forwarded_proto = value
+            elif kind == _XFH:
+                forwarded_host = value
+        dropped += len(name) + len(value) + 4
     if authority is not None:
         host = authority
-        out.append(b"Host: " + authority + b"\r\n")
-    if has_connection:
-        listed = connection_tokens(headers)
+        out += (b"Host: ", authority, b"\r\n")
+        dropped -= len(authority) + 8
+    block = b"".join(out)
+    size = len(block) + dropped
+    if connection:
+        listed = connection_tokens(connection)
         if listed:
-            out = [line for line in out if line.split(b":", 1)[0].lower() not in listed]
-    out.append(b"X-Forwarded-For: " + (forwarded_for + b", " + client_ip if forwarded_for else client_ip)
-               + b"\r\n")
-    out.append(b"X-Forwarded-Proto: " + (forwarded_proto or scheme) + b"\r\n")
-    if forwarded_host or host:
-        out.append(b"X-Forwarded-Host: " + (forwarded_host or host) + b"\r\n")
+            block = _without(block, listed)
     if not request_id:
         request_id = new_id()
-    out.append(b"X-Request-ID: " + request_id + b"\r\n")
-    return RequestHead(b"".join(out), request_id, host, upgrade, size)
+    added = [block, b"X-Forwarded-For: ", forwarded_for + b", " + client_ip if forwarded_for else client_ip,
+             b"\r\nX-Forwarded-Proto: ", forwarded_proto or scheme, b"\r\n"]
+    if forwarded_host or host:
+        added += (b"X-Forwarded-Host: ", forwarded_host or host, b"\r\n")
+    added += (b"X-Request-ID: ", request_id, b"\r\n")
+    return RequestHead(b"".join(added), request_id, host, upgrade, size)
+
+
+def _without(block: bytes, names: frozenset[bytes]) -> bytes:
+    """``block`` (CRLF-terminated field lines) minus the fields named in ``names`` (lower case)."""
+    lines = block.split(b"\r\n")
+    return b"".join(line + b"\r\n" for line in lines[:-1]
+                    if line.split(b":", 1)[0].lower() not in names)
 
 
 def response_fields(headers: RawHeaders, request_id: bytes) -> bytes:
     """The upstream response's header block minus hop-by-hop and framing fields, with the
     request's X-Request-ID unless the backend set one."""
-    drop = _RESPONSE_DROP
+    kinds = _RESPONSE_KIND
     out: list[bytes] = []
-    has_connection = False
+    connection: list[bytes] = []
     has_request_id = False
     for name, value in headers:
-        lname = name.lower()
-        if lname in drop:
-            has_connection = has_connection or lname == b"connection"
-            continue
-        if lname == b"x-request-id":
+        kind = kinds.get(name)
+        if kind is None:
+            kind = _learn(kinds, _RESPONSE_KIND_BY_LOWER, name)
+        if kind == _PASS:
+            out += (name, b": ", value, b"\r\n")
+        elif kind == _REQUEST_ID_FIELD:
             has_request_id = True
-        out.append(name + b": " + value + b"\r\n")
+            out += (name, b": ", value, b"\r\n")
+        elif kind == _CONNECTION:
+            connection.append(value)
     if request_id and not has_request_id:
-        out.append(b"X-Request-ID: " + request_id + b"\r\n")
-    if has_connection:
-        listed = connection_tokens(headers)
+        out += (b"X-Request-ID: ", request_id, b"\r\n")
+    block = b"".join(out)
+    if connection:
+        listed = connection_tokens(connection)
         if listed:
-            out = [line for line in out if line.split(b":", 1)[0].lower() not in listed]
-    return b"".join(out)
+            block = _without(block, listed)
+    return block

@@ -186,6 +186,19 @@ class ConnectionPool:
 
     # --- the async shell -----------------------------------------------------------------------------
 
+    def acquire_idle(self) -> UpstreamConnection | None:
+        """Lease an idle connection if one is reusable now (the common case, without a coroutine);
+        None means: call :meth:`acquire`."""
+        if not self._idle or self._waiters:
+            return None
+        conn, expired = self._take_idle(self._clock())
+        if expired:
+            self._close_all(expired)
+        if conn is None:
+            return None
+        self.stats.acquires += 1
+        return self._lease(conn, 0.0)
+
     async def acquire(self) -> UpstreamConnection:
         """Lease a connection: reused idle, new, or after waiting. The caller must ``release`` it.
 

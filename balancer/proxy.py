@@ -117,11 +117,11 @@ class Proxy:
         self._failure_log = ThrottledLog(log)
 
     async def handle(self, request: Exchange) -> None:
+        """Serve one request; every path ends with the response finished and the record observed."""
         self.requests += 1
         message = request.message
         target: bytes = message.path.encode("utf-8", "surrogateescape")
-        client_ip = _client_ip(request)
-        record = RequestRecord(time.monotonic(), time.time(), message.method, target, client_ip)
+        record = RequestRecord(time.monotonic(), time.time(), message.method, target, _client_ip(request))
         record.headers = message.raw_headers
         if message.version[1] == 0:
             record.version = "1.0"
@@ -267,7 +267,7 @@ class Proxy:
         """Send on one backend; replay once on a fresh connection if a reused one was already dead."""
         for replay in (False, True):
             record.attempts += 1
-            conn = await pool.acquire()
+            conn = pool.acquire_idle() or await pool.acquire()
             record.queue_s += conn.queue_s
             record.connect_s += conn.connect_s
             try:

@@ -44,6 +44,10 @@ class ConnState(enum.Enum):
     IDLE = "idle"
     CLOSED = "closed"
 
+    # Members are singletons: hash by identity in C, not by Enum's Python-level __hash__ (the
+    # transition check below hashes two states on every lease and release).
+    __hash__ = object.__hash__
+
 
 # Legal transitions; anything else is a bug and raises.
 _TRANSITIONS: dict[ConnState, frozenset[ConnState]] = {
@@ -392,7 +396,15 @@ class UpstreamConnection(asyncio.Protocol):
     async def read_head(self, timeout: float) -> ResponseHead:
         """Wait up to ``timeout`` seconds for the final response head."""
         if self._head is None and self._exc is None:
-            await self._wait(timeout, UpstreamResponseTimeout)
+            # _wait() inlined: this await is on every request's path.
+            loop = self._loop
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_later(timeout, self._on_timeout, waiter, UpstreamResponseTimeout, timeout)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
         if self._head is None:
             assert self._exc is not None
             raise self._exc
