@@ -40,7 +40,7 @@ from .errors import (
     UpstreamReadTimeout,
     UpstreamResponseTimeout,
 )
-from .headers import TrustedProxies, request_fields, response_fields
+from .headers import RequestHead, TrustedProxies, request_fields, response_fields
 from .models import LimitsConfig
 from .pool import ConnectionPool, UpstreamPools
 from .record import RequestRecord
@@ -117,7 +117,11 @@ class Proxy:
         self._failure_log = ThrottledLog(log)
 
     async def handle(self, request: Exchange) -> None:
-        """Serve one request; every path ends with the response finished and the record observed."""
+        """Serve one request; every path ends with the response finished and the record observed.
+
+        The steps are inline (one coroutine for the request, one for the exchange with backends):
+        every coroutine level costs on each request and on each resumption.
+        """
         self.requests += 1
         message = request.message
         target: bytes = message.path.encode("utf-8", "surrogateescape")
@@ -126,88 +130,97 @@ class Proxy:
         if message.version[1] == 0:
             record.version = "1.0"
         try:
-            await self._handle(request, message, target, record)
+            route = self._route(request, message, target, record)
+            if route is None:
+                return                  # answered already: refused, no route, too large
+            runtime, head_info, target = route
+            method = message.method
+            body: list[bytes] = []      # a small body, kept as received for a possible replay
+            body_size = 0
+            streamed_body = False
+            if request.body_exists:
+                if message.headers.get("Expect", "").lower() == "100-continue":
+                    # We read the body ourselves, so we give the client the go-ahead ourselves.
+                    if request.transport is not None:
+                        request.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                if 0 <= (request.content_length or -1) <= REPLAY_BODY_LIMIT:
+                    content = request.payload
+                    while chunk := await content.readany():
+                        body.append(chunk)
+                        body_size += len(chunk)
+                    record.bytes_in = body_size
+                else:
+                    streamed_body = True
+
+            upgrade = head_info.upgrade
+            tunnel = bool(upgrade) and message.upgrade and upgrade.lower() != b"h2c"
+            if tunnel:
+                framing = b"Connection: Upgrade\r\nUpgrade: " + upgrade + b"\r\n"
+            elif streamed_body:
+                length = request.content_length
+                framing = b"Content-Length: %d\r\n" % length if length is not None else \
+                    b"Transfer-Encoding: chunked\r\n"
+            elif body or method in ("POST", "PUT", "PATCH"):
+                framing = b"Content-Length: %d\r\n" % body_size
+            else:
+                framing = b""
+            head = b"".join((method.encode(), b" ", target, b" HTTP/1.1\r\n", head_info.fields, framing,
+                             b"\r\n"))
+            retry_ok = not tunnel and (method in IDEMPOTENT or "Idempotency-Key" in message.headers)
+
+            try:
+                attempt, backend = await self._exchange(runtime, request, head, body, streamed_body,
+                                                        retry_ok, method == "HEAD", record)
+            except BodyTooLarge:
+                return self._fail(request, record, 413, "body_too_large", close=True)
+            except UpstreamError as exc:
+                status, kind = FAILURES.get(type(exc), (502, "error"))
+                self._failure_log.warning(kind, "%s %s -> %d (%s): %s", method, message.path, status,
+                                          kind, exc)
+                return self._fail(request, record, status, kind, close=message.upgrade)
+            if tunnel and attempt.head.status == 101:
+                await self._tunnel(request, attempt, backend, record)
+            elif not self._send_complete(request, attempt, backend, record, close=message.upgrade):
+                await self._stream_back(request, runtime, attempt, backend, record)
         finally:
             record.total_s = time.monotonic() - record.start
             for observer in self.observers:
                 observer(record)
 
-    async def _handle(self, request: Exchange, message: RawRequestMessage, target: bytes,
-                      record: RequestRecord) -> None:
+    def _route(self, request: Exchange, message: RawRequestMessage, target: bytes,
+               record: RequestRecord) -> tuple[PoolRuntime, RequestHead, bytes] | None:
+        """The checks and the routing before any backend is involved: the pool, the header block for
+        the backend and the origin-form target; or None when the request was answered here."""
         authority = None
         if target[:1] != b"/" and target != b"*":
             # Absolute form (RFC 9112 3.2.2): the target's authority replaces Host, and the backend
             # gets the origin form.
             split = _split_absolute(target)
             if split is None or message.method == "CONNECT":
-                return self._fail(request, record, 400, "refused", close=True)
+                self._fail(request, record, 400, "refused", close=True)
+                return None
             authority, target = split
         client = record.client
-        head_info = request_fields(message.raw_headers, client.encode(), client in self.trusted,
-                                   authority, self._request_ids.next)
+        head_info = request_fields(message.raw_headers, request.protocol.client_ip_bytes,
+                                   client in self.trusted, authority, self._request_ids.next)
         record.request_id = head_info.request_id
         refused = refusal(message, head_info.size, self.limits)
         if refused is not None:
             status, why = refused
             log.info("refused %s %r from %s: %d %s", message.method, target[:200], client, status, why)
-            return self._fail(request, record, status, "refused", close=True)
+            self._fail(request, record, status, "refused", close=True)
+            return None
         route = self.router.match(head_info.host, target)
         if route is None:
-            return self._fail(request, record, 404, "no_route")
+            self._fail(request, record, 404, "no_route")
+            return None
         record.route = route.name
         record.pool = route.pool
-        runtime = self.pools[route.pool]
-
-        method = message.method
         max_body = self.limits.max_body
         if max_body and (request.content_length or 0) > max_body:
-            return self._fail(request, record, 413, "body_too_large", close=True)
-        body: list[bytes] = []          # a small body, kept as received for a possible replay
-        body_size = 0
-        streamed_body = False
-        if request.body_exists:
-            if message.headers.get("Expect", "").lower() == "100-continue":
-                # We read the body ourselves, so we give the client the go-ahead ourselves.
-                if request.transport is not None:
-                    request.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            if 0 <= (request.content_length or -1) <= REPLAY_BODY_LIMIT:
-                content = request.payload
-                while chunk := await content.readany():
-                    body.append(chunk)
-                    body_size += len(chunk)
-                record.bytes_in = body_size
-            else:
-                streamed_body = True
-
-        fields = head_info.fields
-        upgrade = head_info.upgrade
-        tunnel = bool(upgrade) and message.upgrade and upgrade.lower() != b"h2c"
-        if tunnel:
-            framing = b"Connection: Upgrade\r\nUpgrade: " + upgrade + b"\r\n"
-        elif streamed_body:
-            length = request.content_length
-            framing = b"Content-Length: %d\r\n" % length if length is not None else \
-                b"Transfer-Encoding: chunked\r\n"
-        elif body or method in ("POST", "PUT", "PATCH"):
-            framing = b"Content-Length: %d\r\n" % body_size
-        else:
-            framing = b""
-        head = b"".join((method.encode(), b" ", target, b" HTTP/1.1\r\n", fields, framing, b"\r\n"))
-        retry_ok = not tunnel and (method in IDEMPOTENT or "Idempotency-Key" in message.headers)
-
-        try:
-            attempt, backend = await self._exchange(runtime, request, head, body, streamed_body,
-                                                    retry_ok, method == "HEAD", record)
-        except BodyTooLarge:
-            return self._fail(request, record, 413, "body_too_large", close=True)
-        except UpstreamError as exc:
-            status, kind = FAILURES.get(type(exc), (502, "error"))
-            self._failure_log.warning(kind, "%s %s -> %d (%s): %s", method, message.path, status, kind, exc)
-            return self._fail(request, record, status, kind, close=message.upgrade)
-        if tunnel and attempt.head.status == 101:
-            return await self._tunnel(request, attempt, backend, record)
-        return await self._stream_back(request, runtime, attempt, backend, record,
-                                       close=message.upgrade)
+            self._fail(request, record, 413, "body_too_large", close=True)
+            return None
+        return self.pools[route.pool], head_info, target
 
     def _fail(self, request: Exchange, record: RequestRecord, status: int, kind: str,
               close: bool = False) -> None:
@@ -221,7 +234,9 @@ class Proxy:
         """Try backends until one answers with a response head; raise the last failure otherwise.
 
         A retry goes to a backend not tried yet, only while the request is within its deadline
-        (``timeouts.response`` per try allowed, from its start) and the retry budget allows it.
+        (``timeouts.response`` per try allowed, from its start) and the retry budget allows it. On
+        one backend, a request that met a dead reused connection (the keep-alive race) is replayed
+        once on a fresh connection.
         """
         tried: list[Backend] = []
         backends = runtime.backends
@@ -242,8 +257,33 @@ class Proxy:
             pool = self.upstream[backend.id]
             backend.in_flight += 1
             try:
-                attempt = await self._attempt_backend(runtime, pool, request, head, body, streamed_body,
-                                                      is_head, record)
+                replayed = False
+                while True:             # at most twice: the replay after a dead reused connection
+                    record.attempts += 1
+                    conn = pool.acquire_idle() or await pool.acquire()
+                    record.queue_s += conn.queue_s
+                    record.connect_s += conn.connect_s
+                    try:
+                        if streamed_body:
+                            conn.begin(head, is_head)
+                            record.bytes_in = await self._send_streamed_body(conn, request)
+                        else:
+                            conn.begin(head, is_head, body)
+                        response_head = await conn.read_head(runtime.response_timeout_s)
+                    except UpstreamClosed as exc:
+                        pool.release(conn)
+                        if exc.before_response and conn.is_reused and not streamed_body and not replayed:
+                            replayed = True
+                            pool.stats.replayed += 1
+                            log.debug("replaying on a fresh connection to %s: %s", pool.host, exc)
+                            # Idle connections older than this one are as likely to be dead: drop them.
+                            pool.close_idle("stale")
+                            continue
+                        raise
+                    except BaseException:
+                        pool.release(conn)
+                        raise
+                    break
             except (UpstreamConnectError, UpstreamConnectTimeout, UpstreamResponseTimeout,
                     UpstreamClosed) as exc:
                 backend.in_flight -= 1
@@ -257,42 +297,11 @@ class Proxy:
             except BaseException:
                 backend.in_flight -= 1
                 raise
-            return attempt, backend
-        assert last_exc is not None
-        raise last_exc
-
-    async def _attempt_backend(self, runtime: PoolRuntime, pool: ConnectionPool, request: Exchange,
-                               head: bytes, body: list[bytes], streamed_body: bool, is_head: bool,
-                               record: RequestRecord) -> _Attempt:
-        """Send on one backend; replay once on a fresh connection if a reused one was already dead."""
-        for replay in (False, True):
-            record.attempts += 1
-            conn = pool.acquire_idle() or await pool.acquire()
-            record.queue_s += conn.queue_s
-            record.connect_s += conn.connect_s
-            try:
-                if streamed_body:
-                    conn.begin(head, is_head)
-                    record.bytes_in = await self._send_streamed_body(conn, request)
-                else:
-                    conn.begin(head, is_head, body)
-                response_head = await conn.read_head(runtime.response_timeout_s)
-            except UpstreamClosed as exc:
-                pool.release(conn)
-                if exc.before_response and conn.is_reused and not streamed_body and not replay:
-                    pool.stats.replayed += 1
-                    log.debug("replaying on a fresh connection to %s: %s", pool.host, exc)
-                    # Idle connections older than this one are as likely to be dead: drop them.
-                    pool.close_idle("stale")
-                    continue
-                raise
-            except BaseException:
-                pool.release(conn)
-                raise
             record.ttfb_s = time.monotonic() - record.start
             record.upstream_status = response_head.status
-            return _Attempt(pool, conn, response_head)
-        raise AssertionError("unreachable")
+            return _Attempt(pool, conn, response_head), backend
+        assert last_exc is not None
+        raise last_exc
 
     async def _send_streamed_body(self, conn: UpstreamConnection, request: Exchange) -> int:
         chunked = request.content_length is None
@@ -310,34 +319,49 @@ class Proxy:
             await conn.write(b"0\r\n\r\n")
         return sent
 
+    def _send_complete(self, request: Exchange, attempt: _Attempt, backend: Backend,
+                       record: RequestRecord, close: bool) -> bool:
+        """Frame the response for the client; if it is complete already (the common small one), send
+        it in one write, framed by its now known length (even if the backend sent it chunked), and
+        finish the attempt. False: the body must be streamed (:meth:`_stream_back`)."""
+        conn, head = attempt.conn, attempt.head
+        record.status = head.status
+        if self.draining or close:
+            # Shutting down: this is the connection's last response. Or aiohttp marked the client
+            # connection as upgraded (an Upgrade we did not tunnel): it cannot carry another request.
+            request.force_close()
+        is_head = request.method == "HEAD"
+        if not conn.response_complete or conn.trailers:
+            if (head.content_length is None and not head.chunked and not is_head
+                    and head.status not in (204, 304)):
+                request.force_close()    # a close-delimited upstream body
+            return False
+        body = b"" if is_head else conn.take_body()
+        try:
+            request.send_whole(head.status, head.reason, response_fields(head.headers, record.request_id),
+                               body, None if head.chunked else head.content_length)
+            record.bytes_out = len(body)
+        except ConnectionError:
+            record.error = "client_gone"
+            request.force_close()
+            request.finished = True
+        finally:
+            backend.in_flight -= 1
+            attempt.pool.release(conn)
+            self._outcome(backend, head.status < 502)
+        return True
+
     async def _stream_back(self, request: Exchange, runtime: PoolRuntime, attempt: _Attempt,
-                           backend: Backend, record: RequestRecord, close: bool = False) -> None:
+                           backend: Backend, record: RequestRecord) -> None:
+        """A response whose body is still arriving: stream it, chunked to the client if its length is
+        unknown, with the upstream trailers after the last chunk."""
         conn, head, pool = attempt.conn, attempt.head, attempt.pool
         ok = True
-        record.status = head.status
-        fields = response_fields(head.headers, record.request_id)
-        if self.draining:
-            request.force_close()        # shutting down: this is the connection's last response
         sent = 0
         try:
-            is_head = request.method == "HEAD"
-            close_delimited = (head.content_length is None and not head.chunked
-                               and not conn.response_complete and head.status not in (204, 304)
-                               and not is_head)
-            if close_delimited or close:
-                # A close-delimited upstream body; or aiohttp marked the client connection as
-                # upgraded (an Upgrade we did not tunnel), so it cannot carry another request.
-                request.force_close()
-            if conn.response_complete and not close_delimited and not conn.trailers:
-                # The whole response is here already (the common small one): one write, framed by
-                # its now known length (even if the backend sent it chunked).
-                body = b"" if is_head else conn.take_body()
-                sent = len(body)
-                request.send_whole(head.status, head.reason, fields, body,
-                                   None if head.chunked else head.content_length)
-                return
-            request.start(head.status, head.reason, fields, None if head.chunked else head.content_length)
-            if not is_head:
+            request.start(head.status, head.reason, response_fields(head.headers, record.request_id),
+                          None if head.chunked else head.content_length)
+            if request.method != "HEAD":
                 while True:
                     data = await conn.read_body(runtime.read_timeout_s)
                     if not data:
@@ -473,6 +497,7 @@ def _client_ip(request: Exchange) -> str:
         transport = request.transport
         peer = transport.get_extra_info("peername") if transport is not None else None
         ip = protocol.client_ip = str(peer[0]) if peer else "-"
+        protocol.client_ip_bytes = ip.encode()
     return ip
 
 

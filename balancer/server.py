@@ -222,6 +222,7 @@ class FrontDoorHandler(RequestHandler):
         self._handle = manager.handle_exchange
         self.head_started: float | None = None
         self.client_ip: str | None = None      # cached by the proxy on the first request
+        self.client_ip_bytes = b"-"
 
     def data_received(self, data: bytes) -> None:
         if self.head_started is None and not self._request_in_progress and not self._messages:
