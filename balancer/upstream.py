@@ -18,6 +18,10 @@ Response data flows ``data_received -> parser -> callbacks -> self._body`` and o
 :meth:`read_body`. When more than ``HIGH_WATER`` bytes are waiting, we pause reading from the backend
 until the client side has taken them (backpressure end to end). Request bytes go out through
 :meth:`write`, which waits on the transport's own pause/resume flow control.
+
+Read timeouts are deadlines checked by one timer per event loop (:class:`Deadlines`), every
+``Deadlines.TICK_S``, not a timer per wait: uvloop's ``call_later`` plus ``cancel`` cost about 1.8 µs,
+a set insertion and removal 40 ns, on every request. A timeout fires up to one tick late.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
+import weakref
 from collections import deque
 from typing import Any
 
@@ -56,6 +61,43 @@ _TRANSITIONS: dict[ConnState, frozenset[ConnState]] = {
     ConnState.IDLE: frozenset({ConnState.ACTIVE, ConnState.CLOSED}),
     ConnState.CLOSED: frozenset({ConnState.CLOSED}),
 }
+
+
+class Deadlines:
+    """The read deadlines of the connections waiting on their backend, in one event loop."""
+
+    TICK_S = 0.05
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._waiting: set[UpstreamConnection] = set()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, conn: UpstreamConnection) -> None:
+        self._waiting.add(conn)
+        if self._timer is None:
+            self._timer = self._loop.call_later(self.TICK_S, self._tick)
+
+    def discard(self, conn: UpstreamConnection) -> None:
+        self._waiting.discard(conn)
+
+    def _tick(self) -> None:
+        now = self._loop.time()
+        for conn in [c for c in self._waiting if c.deadline <= now]:
+            self._waiting.discard(conn)
+            conn.deadline_passed()
+        self._timer = self._loop.call_later(self.TICK_S, self._tick) if self._waiting else None
+
+
+_DEADLINES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Deadlines] = weakref.WeakKeyDictionary()
+
+
+def deadlines(loop: asyncio.AbstractEventLoop) -> Deadlines:
+    """The :class:`Deadlines` of ``loop``."""
+    found = _DEADLINES.get(loop)
+    if found is None:
+        found = _DEADLINES[loop] = Deadlines(loop)
+    return found
 
 
 class ResponseHead:
@@ -92,6 +134,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.keepalive_deadline: float | None = None
         self.transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
+        self._deadlines = deadlines(self._loop)
+        self.deadline = 0.0             # loop time by which the awaited bytes must arrive
+        self._timeout: tuple[type[Exception], float] = (UpstreamResponseTimeout, 0.0)
         self._parser = httptools.HttpResponseParser(self)
         self._closed_waiter: asyncio.Future[None] = self._loop.create_future()
         self._reset_exchange()
@@ -396,15 +441,7 @@ class UpstreamConnection(asyncio.Protocol):
     async def read_head(self, timeout: float) -> ResponseHead:
         """Wait up to ``timeout`` seconds for the final response head."""
         if self._head is None and self._exc is None:
-            # _wait() inlined: this await is on every request's path.
-            loop = self._loop
-            waiter = self._waiter = loop.create_future()
-            timer = loop.call_later(timeout, self._on_timeout, waiter, UpstreamResponseTimeout, timeout)
-            try:
-                await waiter
-            finally:
-                timer.cancel()
-                self._waiter = None
+            await self._wait(timeout, UpstreamResponseTimeout)
         if self._head is None:
             assert self._exc is not None
             raise self._exc
@@ -441,16 +478,21 @@ class UpstreamConnection(asyncio.Protocol):
 
     async def _wait(self, timeout: float, error: type[Exception]) -> None:
         waiter = self._waiter = self._loop.create_future()
-        timer = self._loop.call_later(timeout, self._on_timeout, waiter, error, timeout)
+        self.deadline = self._loop.time() + timeout
+        self._timeout = (error, timeout)
+        deadlines = self._deadlines
+        deadlines.add(self)
         try:
             await waiter
         finally:
-            timer.cancel()
+            deadlines.discard(self)
             self._waiter = None
 
-    @staticmethod
-    def _on_timeout(waiter: asyncio.Future[None], error: type[Exception], timeout: float) -> None:
-        if not waiter.done():
+    def deadline_passed(self) -> None:
+        """Called by :class:`Deadlines`: nothing arrived in time."""
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            error, timeout = self._timeout
             waiter.set_exception(error(f"no data from backend within {timeout:g}s"))
 
     def _wake(self) -> None:

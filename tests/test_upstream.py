@@ -3,9 +3,13 @@ past the parser, HEAD responses, chunked bodies and trailers, bytes beyond a res
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 
-from balancer.upstream import PASSTHROUGH_MIN, UpstreamConnection
+from balancer.errors import UpstreamReadTimeout, UpstreamResponseTimeout
+from balancer.upstream import PASSTHROUGH_MIN, Deadlines, UpstreamConnection
 
 
 def connection(expect_no_body: bool = False) -> UpstreamConnection:
@@ -103,3 +107,23 @@ async def test_connection_reused_after_head_and_large_bodies() -> None:
         conn.data_received(response)
         await conn.read_head(1.0)
         assert conn.take_body() == body and conn.is_reusable
+
+
+async def test_read_timeouts_fire_from_the_shared_deadline_sweep() -> None:
+    """No head within the response timeout: UpstreamResponseTimeout, about on time (one tick late at
+    most); a gap in the body longer than the read timeout: UpstreamReadTimeout; a connection that
+    answers in time is not touched by the sweep."""
+    slow = connection()
+    quick = connection()
+    started = time.monotonic()
+    waiting = asyncio.ensure_future(quick.read_head(5.0))
+    with pytest.raises(UpstreamResponseTimeout):
+        await slow.read_head(0.2)
+    elapsed = time.monotonic() - started
+    assert 0.2 <= elapsed < 0.2 + Deadlines.TICK_S + 0.5
+    assert not waiting.done()
+    feed(quick, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n", 1000)
+    assert (await waiting).status == 200
+    assert await quick.read_body(1.0) == b"hello"
+    with pytest.raises(UpstreamReadTimeout):
+        await quick.read_body(0.1)
