@@ -21,6 +21,7 @@ from .config import Config, PoolConfig, load_config
 from .errors import ConfigError
 from .headers import TrustedProxies
 from .health import HealthChecker, SlowStart
+from .listener import Listener
 from .passive import PassiveHealth
 from .pool import UpstreamPools
 from .proxy import PoolRuntime, Proxy
@@ -85,7 +86,7 @@ class Balancer:
         # Set in a replica: fills new pools with the main process's backends during a reload.
         self.before_routes_swap: Callable[[], None] | None = None
         self._rollouts: set[asyncio.Task[None]] = set()
-        self._listener: asyncio.Server | None = None
+        self._listener: Listener | None = None
         self.stop_event = asyncio.Event()
 
     # --- building pools and backends (start-up and reload) ----------------------------------------------
@@ -184,8 +185,8 @@ class Balancer:
     async def move_listener(self, host: str, port: int) -> None:
         """Open the new data socket first, then close the old one."""
         assert self._web_server is not None
-        loop = asyncio.get_running_loop()
-        new = await loop.create_server(self._web_server, host, port, reuse_address=True, backlog=1024)
+        new = await Listener.open(self._web_server, host, port,
+                                  reuse_port=self.reuse_port or self.config.workers > 1)
         old, self._listener = self._listener, new
         if old is not None:
             old.close()
@@ -215,11 +216,9 @@ class Balancer:
             handler_cancellation=True,
             max_line_size=limits.max_request_line, max_field_size=limits.max_header_size,
             max_headers=limits.max_headers)
-        loop = asyncio.get_running_loop()
         port = cfg.listen.port if self.listen_port is None else self.listen_port
-        self._listener = await loop.create_server(self._web_server, cfg.listen.host, port,
-                                                  reuse_port=self.reuse_port or cfg.workers > 1 or None,
-                                                  reuse_address=True, backlog=1024)
+        self._listener = await Listener.open(self._web_server, cfg.listen.host, port,
+                                             reuse_port=self.reuse_port or cfg.workers > 1)
         if self.admin is not None:
             await self.admin.start()
             log.info("admin on http://%s:%d", self.admin.host, self.admin.bound_port)
