@@ -431,6 +431,11 @@ class UpstreamPools:
     def __getitem__(self, backend_id: str) -> ConnectionPool:
         return self._pools[backend_id]
 
+    @property
+    def by_id(self) -> dict[str, ConnectionPool]:
+        """The live mapping (read-only by convention), for the proxy's per-request lookup."""
+        return self._pools
+
     def items(self) -> list[tuple[str, ConnectionPool]]:
         return list(self._pools.items())
 

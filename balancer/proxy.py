@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp.http_parser import RawRequestMessage
+from aiohttp.http_writer import HttpVersion11
 
 from .errors import (
     BodyTooLarge,
@@ -103,6 +104,7 @@ class Proxy:
         self.router = router
         self.pools = pools
         self.upstream = upstream
+        self._pool_by_id = upstream.by_id
         self.trusted = trusted
         # Passive health: told (backend, ok) after every attempt that reached a verdict.
         self.outcome_listeners: list[Callable[[Backend, bool], None]] = []
@@ -204,7 +206,9 @@ class Proxy:
         head_info = request_fields(message.raw_headers, request.protocol.client_ip_bytes,
                                    client in self.trusted, authority, self._request_ids.next)
         record.request_id = head_info.request_id
-        refused = refusal(message, head_info.size, self.limits)
+        refused = None if (message.version == HttpVersion11 and not message.chunked
+                           and head_info.size <= self.limits.max_header_size) \
+            else refusal(message, head_info.size, self.limits)      # the usual request skips the call
         if refused is not None:
             status, why = refused
             log.info("refused %s %r from %s: %d %s", message.method, target[:200], client, status, why)
@@ -254,7 +258,7 @@ class Proxy:
                 raise NoBackendAvailable(f"no backend available in pool {runtime.name!r}")
             tried.append(backend)
             record.backend = backend.id
-            pool = self.upstream[backend.id]
+            pool = self._pool_by_id[backend.id]
             backend.in_flight += 1
             try:
                 replayed = False

@@ -291,7 +291,7 @@ class FrontDoorHandler(RequestHandler):
             self._keepalive = exchange.keep_alive
             if self._upgraded and not self._messages and self._payload_parser is None:
                 self._reparse_tail()
-            if not payload.is_eof():
+            if payload is not EMPTY_PAYLOAD and not payload.is_eof():
                 await self._linger(payload)
 
             if self._keepalive and not self._close and not self._force_close:

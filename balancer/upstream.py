@@ -41,6 +41,8 @@ HIGH_WATER = 256 * 1024
 # Content-Length bodies from this size on bypass the parser (saves a copy of every piece).
 PASSTHROUGH_MIN = 64 * 1024
 LOW_WATER = 64 * 1024
+# len(b"keep-alive"), len(b"content-length"), len(b"transfer-encoding")
+_FRAMING_NAME_LENGTHS = frozenset({10, 14, 17})
 
 
 class ConnState(enum.Enum):
@@ -139,6 +141,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._timeout: tuple[type[Exception], float] = (UpstreamResponseTimeout, 0.0)
         self._parser = httptools.HttpResponseParser(self)
         self._closed_waiter: asyncio.Future[None] = self._loop.create_future()
+        self._body: deque[bytes] = deque()
         self._reset_exchange()
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
@@ -155,8 +158,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._passthrough = 0            # body bytes still to come outside the parser
         self._interim = False            # an interim (1xx) response came first
         self._pending_head = ResponseHead()
-        self._header_name = b""
-        self._body: deque[bytes] = deque()
+        self._body.clear()
         self._body_size = 0
         self._complete = False
         self._got_bytes = False
@@ -380,6 +382,8 @@ class UpstreamConnection(asyncio.Protocol):
     def _inspect_framing(self, head: ResponseHead) -> None:
         lengths: list[bytes] = []
         for name, value in head.headers:
+            if len(name) not in _FRAMING_NAME_LENGTHS:
+                continue                 # cheaper than lower-casing every name
             lname = name.lower()
             if lname == b"content-length":
                 lengths.append(value)
