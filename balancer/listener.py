@@ -58,11 +58,12 @@ class Listener:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                if port:                # every address on the same port (the first chosen, for 0)
+                    address = (address[0], port, *address[2:])
                 sock.bind(address)
                 sock.listen(backlog)
                 sock.setblocking(False)
-                if port == 0:           # every address on the same (first chosen) port
-                    port = sock.getsockname()[1]
+                port = sock.getsockname()[1]
         except OSError:
             for sock in sockets:
                 sock.close()
@@ -83,7 +84,10 @@ class Listener:
                 return              # ECONNABORTED and the like: that client is gone, nothing to do
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            task = self._loop.create_task(self._attach(conn))
+            # The protocol is made now, in accept order: a factory that counts connections (the
+            # front door's max_connections) sees every one of this batch.
+            protocol = self._factory()
+            task = self._loop.create_task(self._attach(conn, protocol))
             self._attaching.add(task)
             task.add_done_callback(self._attaching.discard)
 
@@ -91,17 +95,20 @@ class Listener:
         if not self._closed:
             self._loop.add_reader(listening.fileno(), self._accept, listening)
 
-    async def _attach(self, conn: socket.socket) -> None:
+    async def _attach(self, conn: socket.socket, protocol: asyncio.Protocol) -> None:
         try:
-            await self._loop.connect_accepted_socket(self._factory, conn)
-        except OSError as exc:      # reset before we got to it
-            log.debug("accepted connection lost before it was set up: %s", exc)
+            await self._loop.connect_accepted_socket(lambda: protocol, conn)
+        except (OSError, asyncio.CancelledError) as exc:   # reset before we got to it, or closing
+            log.debug("accepted connection lost before it was set up: %r", exc)
             conn.close()
+            protocol.connection_lost(exc if isinstance(exc, OSError) else None)
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        for task in self._attaching:    # accepted but not set up yet: closed, not left undrained
+            task.cancel()
         for sock in self.sockets:
             self._loop.remove_reader(sock.fileno())
             sock.close()

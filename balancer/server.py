@@ -20,6 +20,7 @@ header block size, body size) are in :func:`refusal`, called by the proxy before
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
@@ -281,18 +282,28 @@ class FrontDoorHandler(RequestHandler):
             except Exception:
                 log.exception("error handling a request")
                 if not exchange.started and self.transport is not None:
-                    exchange.send_error(500, "internal", close=True)
+                    with contextlib.suppress(ConnectionError):
+                        exchange.send_error(500, "internal", close=True)
                 self.force_close()
                 break
             finally:
                 self._request_in_progress = False
-                if self._handler_waiter is not None:
-                    self._handler_waiter.set_result(None)
+                waiter = self._handler_waiter
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
             self._keepalive = exchange.keep_alive
-            if self._upgraded and not self._messages and self._payload_parser is None:
-                self._reparse_tail()
-            if payload is not EMPTY_PAYLOAD and not payload.is_eof():
-                await self._linger(payload)
+            try:
+                if self._upgraded and not self._messages and self._payload_parser is None:
+                    self._reparse_tail()
+                if payload is not EMPTY_PAYLOAD and not payload.is_eof():
+                    await self._linger(payload)
+            except asyncio.CancelledError:
+                self.force_close()
+                raise
+            except Exception as exc:    # a broken body while lingering: this connection is done
+                log.debug("closing after the response: %r", exc)
+                self.force_close()
+                break
 
             if self._keepalive and not self._close and not self._force_close:
                 close_time = loop.time() + self._keepalive_timeout
@@ -322,7 +333,8 @@ class FrontDoorHandler(RequestHandler):
     def _reparse_tail(self) -> None:
         """An upgrade request that was answered without upgrading (the backend did not send 101):
         the bytes that followed it are HTTP again."""
-        assert self._parser is not None
+        if self._parser is None:
+            return
         self._parser.set_upgraded(False)
         self._upgraded = False
         tail, self._message_tail = self._message_tail, b""
@@ -387,15 +399,24 @@ class FrontDoor(web.Server):
         self._max_connections = max_connections
         self._sweeper: asyncio.TimerHandle | None = None
         self.refused_connections = 0
+        # Handlers made and not yet lost: counted from the factory call, because a burst of accepted
+        # connections is made before any of them reaches connection_made.
+        self._admitted: set[RequestHandler] = set()
 
     def __call__(self) -> RequestHandler:  # or a _Refuse over the limit
         if self._sweeper is None:
             self._sweeper = self._loop.call_later(self.SWEEP_INTERVAL_S, self._sweep)
-        if self._max_connections and len(self._connections) >= self._max_connections:
+        if self._max_connections and len(self._admitted) >= self._max_connections:
             # Over limits.max_connections: a clean 503 and close, costing no parser or handler.
             self.refused_connections += 1
             return _Refuse()  # type: ignore[return-value]
-        return FrontDoorHandler(self, loop=self._loop, **self._kwargs)
+        handler = FrontDoorHandler(self, loop=self._loop, **self._kwargs)
+        self._admitted.add(handler)
+        return handler
+
+    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
+        self._admitted.discard(handler)
+        super().connection_lost(handler, exc)
 
     def _sweep(self) -> None:
         now = self._loop.time()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import heapq
 import time
 import weakref
 from collections import deque
@@ -66,29 +67,48 @@ _TRANSITIONS: dict[ConnState, frozenset[ConnState]] = {
 
 
 class Deadlines:
-    """The read deadlines of the connections waiting on their backend, in one event loop."""
+    """The read deadlines of the connections waiting on their backend, in one event loop.
+
+    A timing wheel of ``TICK_S`` slots: a waiting connection sits in the set of the first slot after
+    its deadline; each tick takes only the slots that are due (a heap of slot numbers), so thousands
+    of long waits (streams idling in ``read_body``) cost nothing until they are due.
+    """
 
     TICK_S = 0.05
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._waiting: set[UpstreamConnection] = set()
+        self._slots: dict[int, set[UpstreamConnection]] = {}
+        self._due: list[int] = []       # heap of slot numbers (may hold ones already emptied)
         self._timer: asyncio.TimerHandle | None = None
 
     def add(self, conn: UpstreamConnection) -> None:
-        self._waiting.add(conn)
+        slot = int(conn.deadline / self.TICK_S) + 1
+        waiting = self._slots.get(slot)
+        if waiting is None:
+            waiting = self._slots[slot] = set()
+            heapq.heappush(self._due, slot)
+        waiting.add(conn)
+        conn.deadline_slot = slot
         if self._timer is None:
             self._timer = self._loop.call_later(self.TICK_S, self._tick)
 
     def discard(self, conn: UpstreamConnection) -> None:
-        self._waiting.discard(conn)
+        waiting = self._slots.get(conn.deadline_slot)
+        if waiting is not None:
+            waiting.discard(conn)
+            if not waiting:
+                del self._slots[conn.deadline_slot]
 
     def _tick(self) -> None:
-        now = self._loop.time()
-        for conn in [c for c in self._waiting if c.deadline <= now]:
-            self._waiting.discard(conn)
-            conn.deadline_passed()
-        self._timer = self._loop.call_later(self.TICK_S, self._tick) if self._waiting else None
+        now_slot = int(self._loop.time() / self.TICK_S)
+        due = self._due
+        while due and due[0] <= now_slot:
+            for conn in self._slots.pop(heapq.heappop(due), ()):
+                conn.deadline_passed()
+        self._timer = self._loop.call_later(self.TICK_S, self._tick) if self._slots else None
+        if not self._slots:
+            due.clear()
 
 
 _DEADLINES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Deadlines] = weakref.WeakKeyDictionary()
@@ -138,6 +158,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._deadlines = deadlines(self._loop)
         self.deadline = 0.0             # loop time by which the awaited bytes must arrive
+        self.deadline_slot = 0          # its slot in Deadlines
         self._timeout: tuple[type[Exception], float] = (UpstreamResponseTimeout, 0.0)
         self._parser = httptools.HttpResponseParser(self)
         self._closed_waiter: asyncio.Future[None] = self._loop.create_future()

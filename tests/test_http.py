@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -426,6 +427,21 @@ async def test_max_connections_refuses_cleanly(balancer_factory: Factory, raw_ba
     assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 200")
     for _, w in held:
         w.close()
+
+
+async def test_max_connections_holds_for_a_burst(balancer_factory: Factory, raw_backend: Any) -> None:
+    """30 clients connecting at once (accepted in one batch) against max_connections 5: 5 admitted."""
+    backend = await raw_backend()
+    balancer = await balancer_factory(config(backend.port, top="limits: {max_connections: 5}"))
+    # The kernel completes these handshakes before the loop runs again: all 30 wait to be accepted.
+    clients = [socket.create_connection(("127.0.0.1", balancer.port)) for _ in range(30)]
+    try:
+        server = balancer._web_server
+        await async_wait_until(lambda: server.refused_connections == 25, timeout=5, message="25 refused")
+        await async_wait_until(lambda: len(server.connections) == 5, timeout=5, message="5 admitted")
+    finally:
+        for c in clients:
+            c.close()
 
 
 async def test_small_chunked_response_is_framed_correctly(balancer_factory: Factory, raw_backend: Any) -> None:

@@ -85,3 +85,12 @@ async def test_close_stops_accepting_but_keeps_open_connections(counting: Any) -
         socket.create_connection(("127.0.0.1", port), timeout=1)
     assert not counting.made[0].transport.is_closing()
     client.close()
+
+
+async def test_every_address_listens_on_the_same_chosen_port(counting: Any) -> None:
+    """Port 0 on a name with several addresses (localhost: 127.0.0.1 and maybe ::1): one port for all."""
+    listener = await Listener.open(counting, "localhost", 0)
+    try:
+        assert len({s.getsockname()[1] for s in listener.sockets}) == 1
+    finally:
+        listener.close()

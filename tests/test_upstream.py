@@ -9,7 +9,7 @@ import time
 import pytest
 
 from balancer.errors import UpstreamReadTimeout, UpstreamResponseTimeout
-from balancer.upstream import PASSTHROUGH_MIN, Deadlines, UpstreamConnection
+from balancer.upstream import PASSTHROUGH_MIN, Deadlines, UpstreamConnection, deadlines
 
 
 def connection(expect_no_body: bool = False) -> UpstreamConnection:
@@ -127,3 +127,18 @@ async def test_read_timeouts_fire_from_the_shared_deadline_sweep() -> None:
     assert await quick.read_body(1.0) == b"hello"
     with pytest.raises(UpstreamReadTimeout):
         await quick.read_body(0.1)
+    assert not deadlines(asyncio.get_running_loop())._slots      # nothing left waiting
+
+
+async def test_long_waits_sit_in_their_own_slot_until_due() -> None:
+    """A thousand waits of 60 s and one of 0.1 s: the short one fires, the others stay untouched."""
+    wheel = deadlines(asyncio.get_running_loop())
+    long_waits = [asyncio.ensure_future(connection().read_head(60.0)) for _ in range(1000)]
+    with pytest.raises(UpstreamResponseTimeout):
+        await connection().read_head(0.1)
+    assert not any(w.done() for w in long_waits)
+    assert sum(len(s) for s in wheel._slots.values()) == 1000
+    for w in long_waits:
+        w.cancel()
+    await asyncio.gather(*long_waits, return_exceptions=True)
+    assert not wheel._slots
