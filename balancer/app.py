@@ -122,7 +122,7 @@ class Balancer:
     def port(self) -> int:
         """The data port actually bound (useful with ``listen.port: 0``)."""
         assert self._listener is not None
-        return int(self._listener.sockets[0].getsockname()[1])
+        return self._listener.port
 
     # --- reload -----------------------------------------------------------------------------------------
 

@@ -428,9 +428,6 @@ class UpstreamPools:
     def get(self, backend_id: str) -> ConnectionPool | None:
         return self._pools.get(backend_id)
 
-    def __getitem__(self, backend_id: str) -> ConnectionPool:
-        return self._pools[backend_id]
-
     @property
     def by_id(self) -> dict[str, ConnectionPool]:
         """The live mapping (read-only by convention), for the proxy's per-request lookup."""

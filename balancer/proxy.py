@@ -127,7 +127,8 @@ class Proxy:
         self.requests += 1
         message = request.message
         target: bytes = message.path.encode("utf-8", "surrogateescape")
-        record = RequestRecord(time.monotonic(), time.time(), message.method, target, _client_ip(request))
+        record = RequestRecord(time.monotonic(), time.time(), message.method, target,
+                               request.protocol.peer_ip())
         record.headers = message.raw_headers
         if message.version[1] == 0:
             record.version = "1.0"
@@ -491,18 +492,6 @@ class RequestIds:
     def next(self) -> bytes:
         self._count += 1
         return b"%s-%08x" % (self._prefix, self._count)
-
-
-def _client_ip(request: Exchange) -> str:
-    """The peer address, looked up once per client connection (not per request)."""
-    protocol = request.protocol
-    ip = protocol.client_ip
-    if ip is None:
-        transport = request.transport
-        peer = transport.get_extra_info("peername") if transport is not None else None
-        ip = protocol.client_ip = str(peer[0]) if peer else "-"
-        protocol.client_ip_bytes = ip.encode()
-    return ip
 
 
 def _split_absolute(target: bytes) -> tuple[bytes, bytes] | None:

@@ -222,7 +222,7 @@ class FrontDoorHandler(RequestHandler):
         self._max_line = max_line_size
         self._handle = manager.handle_exchange
         self.head_started: float | None = None
-        self.client_ip: str | None = None      # cached by the proxy on the first request
+        self.client_ip: str | None = None      # see peer_ip()
         self.client_ip_bytes = b"-"
 
     def data_received(self, data: bytes) -> None:
@@ -363,14 +363,19 @@ class FrontDoorHandler(RequestHandler):
         elif isinstance(exc, HttpProcessingError) and "Too many headers" in str(exc.message):
             status = 431
         level = logging.DEBUG if isinstance(exc, BadHttpMethod) else logging.INFO
-        detail = getattr(exc, "message", "") or type(exc).__name__
-        log.log(level, "refused request from %s: %d %s", self.client_ip or self._peer_ip(), status,
-                str(detail).strip().splitlines()[0] if str(detail).strip() else type(exc).__name__)
+        detail = str(getattr(exc, "message", "") or "").strip()
+        log.log(level, "refused request from %s: %d %s", self.peer_ip(), status,
+                detail.splitlines()[0] if detail else type(exc).__name__)
         exchange.send_error(status, "refused", close=True)
 
-    def _peer_ip(self) -> str:
-        peer = self.transport.get_extra_info("peername") if self.transport is not None else None
-        return str(peer[0]) if peer else "-"
+    def peer_ip(self) -> str:
+        """The client's address, looked up once per connection (not per request)."""
+        ip = self.client_ip
+        if ip is None:
+            peer = self.transport.get_extra_info("peername") if self.transport is not None else None
+            ip = self.client_ip = str(peer[0]) if peer else "-"
+            self.client_ip_bytes = ip.encode()
+        return ip
 
 
 class _Refuse(asyncio.Protocol):

@@ -79,7 +79,7 @@ class Deadlines:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._slots: dict[int, set[UpstreamConnection]] = {}
-        self._due: list[int] = []       # heap of slot numbers (may hold ones already emptied)
+        self._due: list[int] = []       # heap of the slot numbers in _slots
         self._timer: asyncio.TimerHandle | None = None
 
     def add(self, conn: UpstreamConnection) -> None:
@@ -94,11 +94,11 @@ class Deadlines:
             self._timer = self._loop.call_later(self.TICK_S, self._tick)
 
     def discard(self, conn: UpstreamConnection) -> None:
+        # An emptied slot stays until it is due: deleting it would let the next wait re-create it
+        # and push its number onto the heap again, once per request.
         waiting = self._slots.get(conn.deadline_slot)
         if waiting is not None:
             waiting.discard(conn)
-            if not waiting:
-                del self._slots[conn.deadline_slot]
 
     def _tick(self) -> None:
         now_slot = int(self._loop.time() / self.TICK_S)
@@ -107,8 +107,6 @@ class Deadlines:
             for conn in self._slots.pop(heapq.heappop(due), ()):
                 conn.deadline_passed()
         self._timer = self._loop.call_later(self.TICK_S, self._tick) if self._slots else None
-        if not self._slots:
-            due.clear()
 
 
 _DEADLINES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Deadlines] = weakref.WeakKeyDictionary()
@@ -125,13 +123,11 @@ def deadlines(loop: asyncio.AbstractEventLoop) -> Deadlines:
 class ResponseHead:
     """Status line and raw header fields of a final (non-1xx) response."""
 
-    __slots__ = ("chunked", "content_length", "headers", "keep_alive", "reason", "status", "upgrade",
-                 "version")
+    __slots__ = ("chunked", "content_length", "headers", "keep_alive", "reason", "status", "upgrade")
 
     def __init__(self) -> None:
         self.status = 0
         self.reason = b""
-        self.version = "1.1"
         self.headers: list[tuple[bytes, bytes]] = []
         self.keep_alive = True
         self.content_length: int | None = None
@@ -384,7 +380,6 @@ class UpstreamConnection(asyncio.Protocol):
             self._interim = True
             return
         head.status = status
-        head.version = parser.get_http_version()
         head.keep_alive = parser.should_keep_alive()
         head.upgrade = status == 101
         self._inspect_framing(head)

@@ -15,9 +15,10 @@ import argparse
 import asyncio
 import hashlib
 import time
+from collections.abc import AsyncIterator
 
 import aiohttp
-from common import RssSampler, balancer, free_port  # type: ignore[import-not-found]
+from common import RssSampler, balancer, free_port  # type: ignore[import-not-found,unused-ignore]
 
 UNITS = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
 
@@ -46,7 +47,7 @@ async def transfer(port: int, size: int) -> dict[str, float | str | bool]:
         chunk = bytes(range(256)) * 4096                    # 1 MiB
         digest = hashlib.sha256()
 
-        async def body():  # type: ignore[no-untyped-def]
+        async def body() -> AsyncIterator[bytes]:
             sent = 0
             while sent < size:
                 piece = chunk[: size - sent]

@@ -14,7 +14,7 @@ import argparse
 import asyncio
 import resource
 
-from common import balancer, free_port, rss_mib  # type: ignore[import-not-found]
+from common import balancer, free_port, rss_mib  # type: ignore[import-not-found,unused-ignore]
 
 WAVE = 500          # connections opened at once: the accept backlog is finite
 

@@ -18,7 +18,7 @@ import resource
 import subprocess
 import urllib.request
 
-from common import RssSampler, balancer, free_port  # type: ignore[import-not-found]
+from common import RssSampler, balancer, free_port  # type: ignore[import-not-found,unused-ignore]
 
 
 def main() -> None:

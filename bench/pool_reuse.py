@@ -21,16 +21,18 @@ import shutil
 import subprocess
 import sys
 import urllib.request
+from typing import Any
 
-from common import balancer, cpu_seconds, free_port  # type: ignore[import-not-found]
+from common import balancer, cpu_seconds, free_port  # type: ignore[import-not-found,unused-ignore]
 
 
-def stats(admin: int) -> dict:
+def stats(admin: int) -> dict[str, Any]:
     with urllib.request.urlopen(f"http://127.0.0.1:{admin}/stats", timeout=5) as resp:
-        return json.load(resp)
+        data: dict[str, Any] = json.load(resp)
+        return data
 
 
-def pool_totals(data: dict) -> tuple[int, int]:
+def pool_totals(data: dict[str, Any]) -> tuple[int, int]:
     created = reused = 0
     for pool in data["pools"].values():
         for backend in pool["backends"]:

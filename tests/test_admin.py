@@ -215,7 +215,7 @@ async def test_series_has_per_second_counts(backend_ports: Any, balancer_factory
             assert not set(more["seconds"]) & set(first["seconds"])
             first["seconds"] += more["seconds"]
             got["web"] += sum(more["pools"]["web"]["requests"])
-            return got["web"] == 12
+            return bool(got["web"] == 12)
 
         await async_wait_until(all_seen, timeout=5, interval=0.2, message="12 requests in the series")
     assert first["seconds"] == sorted(first["seconds"])

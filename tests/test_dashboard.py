@@ -89,7 +89,7 @@ def png_colours(data: bytes) -> set[tuple[int, int, int]]:
             idat += chunk
         pos += 12 + length
     raw, stride = zlib.decompress(idat), width * channels
-    prev, colours = bytearray(stride), set()
+    prev, colours = bytearray(stride), set[tuple[int, int, int]]()
     for y in range(height):
         kind, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
         for i in range(stride):
@@ -105,7 +105,7 @@ def png_colours(data: bytes) -> set[tuple[int, int, int]]:
                 p = a + b - c
                 pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
                 line[i] = (line[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
-        colours.update(tuple(line[x:x + 3]) for x in range(0, stride, channels))  # type: ignore[misc]
+        colours.update((line[x], line[x + 1], line[x + 2]) for x in range(0, stride, channels))
         prev = line
     return colours
 

@@ -52,6 +52,7 @@ def test_ejection_time_grows_with_each_ejection_capped_then_decays() -> None:
         now += decision.duration_s
         assert tracker.end(a, now)
     assert durations == [30, 60, 90, 100]
+    assert isinstance(decision, Ejection)
     assert decision.reason == "passive: 3 consecutive failures" and decision.count == 4
     now += 60                                     # two ejection_times without trouble
     fail(tracker, a, 3)
@@ -141,7 +142,7 @@ async def test_process_exit_ends_an_ejection() -> None:
     registry.set_alive(a, False, "killed by SIGKILL")
     assert not a.ejected and a.state == "down" and "SIGKILL" in a.reason
     registry.set_alive(a, True)
-    assert a.is_ready and passive.tracker("p").ejected == 0  # type: ignore[union-attr]
+    assert a.is_ready and passive.tracker("p").ejected == 0
     await passive.aclose()
 
 

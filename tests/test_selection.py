@@ -80,9 +80,9 @@ def test_registry_snapshot_excludes_unready_and_notifies_flips() -> None:
     assert pool.ready == (a, b)
     snapshot = pool.ready
     registry.set_alive(a, False, "killed by SIGKILL")
-    assert pool.ready == (b,) and snapshot == (a, b)     # the old snapshot is untouched
+    assert list(pool.ready) == [b] and snapshot == (a, b)     # the old snapshot is untouched
     registry.set_admin(b, AdminState.DRAINING)
-    assert pool.ready == () and b.state == "draining"
+    assert list(pool.ready) == [] and b.state == "draining"
     registry.set_admin(b, AdminState.ENABLED)
     registry.set_healthy(b, False, "health: status 503")
     assert a.state == "down" and "SIGKILL" in a.reason
@@ -109,7 +109,7 @@ def test_states_cover_ejected_and_admin_wins() -> None:
     registry.set_healthy(a, True)
     registry.set_ejected(a, False)
     registry.enable(a)
-    assert a.state == "up" and pool.ready == (a, b)
+    assert a.state == "up" and list(pool.ready) == [a, b]
 
 
 def test_drain_disable_enable_are_registry_methods() -> None:
@@ -125,7 +125,7 @@ def test_drain_disable_enable_are_registry_methods() -> None:
     registry.disable(a)            # draining -> disabled: still out, no second flip
     assert a.state == "disabled" and pool.ready == (b,)
     registry.enable(a)
-    assert a.admin is AdminState.ENABLED and pool.ready == (a, b)
+    assert a.admin is AdminState.ENABLED and list(pool.ready) == [a, b]
     assert flips == [("p/0", False), ("p/0", True)]
 
 

@@ -127,7 +127,7 @@ async def test_read_timeouts_fire_from_the_shared_deadline_sweep() -> None:
     assert await quick.read_body(1.0) == b"hello"
     with pytest.raises(UpstreamReadTimeout):
         await quick.read_body(0.1)
-    assert not deadlines(asyncio.get_running_loop())._slots      # nothing left waiting
+    assert not any(deadlines(asyncio.get_running_loop())._slots.values())   # nothing left waiting
 
 
 async def test_long_waits_sit_in_their_own_slot_until_due() -> None:
@@ -141,4 +141,5 @@ async def test_long_waits_sit_in_their_own_slot_until_due() -> None:
     for w in long_waits:
         w.cancel()
     await asyncio.gather(*long_waits, return_exceptions=True)
-    assert not wheel._slots
+    assert not any(wheel._slots.values())
+    assert len(wheel._due) == len(wheel._slots)     # one heap entry per slot, however many waits
