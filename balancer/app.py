@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from . import compiled
 from .accesslog import AccessLog
 from .admin import Admin
 from .config import Config, PoolConfig, load_config
@@ -222,9 +223,10 @@ class Balancer:
         if self.admin is not None:
             await self.admin.start()
             log.info("admin on http://%s:%d", self.admin.host, self.admin.bound_port)
-        log.info("balancer listening on http://%s:%d (%s)", cfg.listen.host, self.port,
+        log.info("balancer listening on http://%s:%d (%s; request path %s)", cfg.listen.host, self.port,
                  ", ".join(f"{name}: {len(s.ready)}/{len(s)} ready" for name, s in
-                           self.registry.pools.items()))
+                           self.registry.pools.items()),
+                 "compiled" if compiled() else "interpreted")
 
     async def _wait_ready(self, timeout: float) -> None:
         """Give every running worker a bounded chance to pass its first check before accepting clients."""

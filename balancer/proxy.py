@@ -25,7 +25,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from aiohttp.http_parser import RawRequestMessage
 from aiohttp.http_writer import HttpVersion11
 
 from .errors import (
@@ -48,7 +47,7 @@ from .record import RequestRecord
 from .registry import Backend, BackendSet
 from .routing import Router
 from .selection import Selector
-from .server import Exchange, refusal
+from .server import Exchange, ParsedRequest, refusal
 from .upstream import ResponseHead, UpstreamConnection
 
 log = logging.getLogger(__name__)
@@ -190,7 +189,7 @@ class Proxy:
             for observer in self.observers:
                 observer(record)
 
-    def _route(self, request: Exchange, message: RawRequestMessage, target: bytes,
+    def _route(self, request: Exchange, message: ParsedRequest, target: bytes,
                record: RequestRecord) -> tuple[PoolRuntime, RequestHead, bytes] | None:
         """The checks and the routing before any backend is involved: the pool, the header block for
         the backend and the origin-form target; or None when the request was answered here."""

@@ -24,19 +24,47 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from typing import Any, cast
+from typing import Any, Protocol, TypeVar, cast
 
-from aiohttp import web
+from aiohttp import web, web_protocol
 from aiohttp.helpers import must_be_empty_body
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
-from aiohttp.http_parser import RawRequestMessage
-from aiohttp.http_writer import HttpVersion10, HttpVersion11
+from aiohttp.http_writer import HttpVersion, HttpVersion10, HttpVersion11
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
-from aiohttp.web_protocol import ERROR, RequestHandler, _ErrInfo
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
+from multidict import CIMultiDictProxy
 
 from .models import LimitsConfig
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class ParsedRequest(Protocol):
+    """What the proxy reads of a request aiohttp parsed.
+
+    aiohttp's type hints name its ``RawRequestMessage`` NamedTuple, but its C parser returns a class of
+    its own with the same fields. A protocol describes both; the NamedTuple's name would be a lie that
+    the compiled build (mypyc checks declared classes at run time) turns into a TypeError.
+    """
+
+    @property
+    def method(self) -> str: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def version(self) -> HttpVersion: ...
+    @property
+    def headers(self) -> CIMultiDictProxy[str]: ...
+    @property
+    def raw_headers(self) -> tuple[tuple[bytes, bytes], ...]: ...
+    @property
+    def should_close(self) -> bool: ...
+    @property
+    def upgrade(self) -> bool: ...
+    @property
+    def chunked(self) -> bool: ...
 
 def reason(status: int) -> bytes:
     try:
@@ -72,7 +100,7 @@ class Exchange:
     __slots__ = ("_chunked", "_head", "finished", "keep_alive", "message", "method", "payload",
                  "protocol", "started", "transport", "version")
 
-    def __init__(self, protocol: FrontDoorHandler, message: RawRequestMessage, payload: StreamReader) -> None:
+    def __init__(self, protocol: FrontDoorHandler, message: ParsedRequest, payload: StreamReader) -> None:
         self.protocol = protocol
         self.transport = protocol.transport
         self.message = message
@@ -184,7 +212,7 @@ class Exchange:
             await self.protocol._drain_helper()
 
 
-def refusal(message: RawRequestMessage, header_size: int, limits: LimitsConfig) -> tuple[int, str] | None:
+def refusal(message: ParsedRequest, header_size: int, limits: LimitsConfig) -> tuple[int, str] | None:
     """(status, reason) if the parsed request must be refused before it reaches a backend."""
     version = message.version
     if version[0] != 1 or version[1] not in (0, 1):
@@ -200,6 +228,21 @@ def refusal(message: RawRequestMessage, header_size: int, limits: LimitsConfig) 
     return None
 
 
+def _python_class(cls: type[T]) -> type[T]:
+    """Leave a class a Python class in the compiled build (its methods are still compiled).
+
+    mypyc makes a native class of every class without other decorators, and a native class cannot
+    extend aiohttp's ``RequestHandler`` (a Python class with ``__slots__``): a decorator is its way out.
+    """
+    return cls
+
+
+# aiohttp's placeholder message for a request it could not parse, read through vars() as Any: its
+# declared class (the NamedTuple) is not its class with the C parser, see ParsedRequest.
+_UNPARSABLE: ParsedRequest = vars(web_protocol)["ERROR"]
+
+
+@_python_class
 class FrontDoorHandler(RequestHandler):
     """aiohttp's per-connection protocol, with a lean request loop, a request-head timeout and
     proxy-style error statuses.
@@ -256,7 +299,10 @@ class FrontDoorHandler(RequestHandler):
                     await self._waiter
                 finally:
                     self._waiter = None
-            message, payload = self._messages.popleft()
+            # Any, then the protocol: aiohttp's hints say RawRequestMessage, its C parser's class is not.
+            item: Any = self._messages.popleft()
+            message: ParsedRequest | _ErrInfo = item[0]
+            payload: StreamReader = item[1]
             if self._parser is not None:
                 self._parser.message_consumed()
             if self._buffer_paused and len(self._messages) <= self._msg_queue_resume_size:
@@ -264,9 +310,10 @@ class FrontDoorHandler(RequestHandler):
             manager.requests_count += 1
 
             self._request_in_progress = True
+            done = False        # no `break` inside try/finally: mypyc does not compile one
             try:
                 if isinstance(message, _ErrInfo):
-                    exchange = Exchange(self, ERROR, payload)
+                    exchange = Exchange(self, _UNPARSABLE, payload)
                     self._refuse_unparsable(exchange, message.exc)
                 else:
                     exchange = Exchange(self, message, payload)
@@ -278,19 +325,21 @@ class FrontDoorHandler(RequestHandler):
                 raise
             except ConnectionError:
                 self.force_close()      # the client went away
-                break
+                done = True
             except Exception:
                 log.exception("error handling a request")
                 if not exchange.started and self.transport is not None:
                     with contextlib.suppress(ConnectionError):
                         exchange.send_error(500, "internal", close=True)
                 self.force_close()
-                break
+                done = True
             finally:
                 self._request_in_progress = False
                 waiter = self._handler_waiter
                 if waiter is not None and not waiter.done():
                     waiter.set_result(None)
+            if done:
+                break
             self._keepalive = exchange.keep_alive
             try:
                 if self._upgraded and not self._messages and self._payload_parser is None:
@@ -348,7 +397,7 @@ class FrontDoorHandler(RequestHandler):
         self._upgraded = upgraded
         self._message_tail = rest
         for item in messages:
-            self._request_count += 1
+            self._request_count = self._request_count + 1     # mypyc: `+=` on an inherited slot
             self._messages.append(item)
         if len(self._messages) >= self._max_msg_queue_size:
             self._pause_reading_for_buffer()

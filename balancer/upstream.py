@@ -32,7 +32,7 @@ import heapq
 import time
 import weakref
 from collections import deque
-from typing import Any
+from typing import Any, ClassVar
 
 import httptools
 
@@ -74,7 +74,7 @@ class Deadlines:
     of long waits (streams idling in ``read_body``) cost nothing until they are due.
     """
 
-    TICK_S = 0.05
+    TICK_S: ClassVar[float] = 0.05
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop

@@ -1,0 +1,35 @@
+"""Packaging lives in pyproject.toml; this file only adds the optional compiled build.
+
+``BALANCER_COMPILE=1 pip install --no-build-isolation .`` (with mypy and setuptools already in the
+environment, and a C compiler) compiles the modules of the request path with mypyc, from the same
+typed Python sources. Without the variable the package is pure Python, as every other install.
+``make native`` does it in ``.venv-native``; the README's "Compiled build" says what it gains.
+"""
+
+import os
+
+from setuptools import setup
+
+# The request path: what runs for every request, and nothing that only runs at start-up or on the
+# admin port. Changing the list changes what the compiled test pass covers (`make test`).
+COMPILED = [
+    "balancer/headers.py",
+    "balancer/passive.py",
+    "balancer/pool.py",
+    "balancer/proxy.py",
+    "balancer/record.py",
+    "balancer/routing.py",
+    "balancer/selection.py",
+    "balancer/server.py",
+    "balancer/upstream.py",
+]
+
+ext_modules = []
+if os.environ.get("BALANCER_COMPILE") == "1":
+    from mypyc.build import mypycify
+
+    # group_name puts mypyc's shared runtime library inside the package (balancer/_compiled__mypyc)
+    # instead of a top-level module of a hashed name.
+    ext_modules = mypycify(COMPILED, opt_level="3", group_name="balancer._compiled")
+
+setup(ext_modules=ext_modules)
