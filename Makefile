@@ -31,6 +31,7 @@ $(NATIVE)/.installed: pyproject.toml setup.py $(wildcard balancer/*.py)
 	$(NBIN)/python -m pip install -q --upgrade pip
 	$(NBIN)/python -m pip install -q $(foreach r,$(MYPYC),'$(r)')
 	$(NBIN)/python -m pip install -q '.[test]'
+	rm -rf build        # setuptools' build dir would carry extensions of modules no longer compiled
 	BALANCER_COMPILE=1 $(NBIN)/python -m pip install -q --no-build-isolation --force-reinstall --no-deps .
 	touch $@
 
