@@ -5,7 +5,8 @@
 #   bench/run.sh --quick         # 3 s runs, 1 repeat (any extra flags go to the harness)
 #
 # Targets: balancer-rr (round_robin), balancer-obs (round_robin with access log and admin/metrics on,
-# what users actually run); then a second pass with --balance least_loaded (balancer-ll beside
+# what users actually run), and the same two compiled (balancer-c, balancer-obs-c: make
+# run-compiled); then a second pass with --balance least_loaded (balancer-ll and balancer-ll-c beside
 # HAProxy leastconn). 127.0.0.1 only; the harness stops everything it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,8 +25,19 @@ trap 'rm -f "$extra"' EXIT
 printf 'log: {access_log: true, access_log_path: /dev/null}\nadmin: {host: 127.0.0.1, port: 0}\n' > "$extra"
 obs_cmd=".venv/bin/python bench/with_extra.py $extra {config}"
 
+# The compiled build (make run-compiled) beside the interpreted one, where a C compiler is found.
+compiled=() compiled_ll=()
+if [ -z "${BENCH_NO_COMPILED:-}" ] && make -s .venv-native/.installed >/dev/null 2>&1; then
+  compiled=(--target '.venv-native/bin/balancer run -c {config}' --port 18093 --name balancer-c
+            --target ".venv-native/bin/python bench/with_extra.py $extra {config}" --port 18094
+            --name balancer-obs-c)
+  compiled_ll=(--target '.venv-native/bin/balancer run -c {config}' --port 18095 --name balancer-ll-c)
+else
+  echo "note: no compiled build (make .venv-native/.installed failed or BENCH_NO_COMPILED set)" >&2
+fi
+
 "$HARNESS" --target '.venv/bin/balancer run -c {config}' --port 18090 --name balancer-rr \
-           --target "$obs_cmd" --port 18091 --name balancer-obs "$@"
+           --target "$obs_cmd" --port 18091 --name balancer-obs "${compiled[@]}" "$@"
 "$HARNESS" --balance least_loaded --anchors nginx-ka,haproxy-lc \
            --target '.venv/bin/balancer run -c {config}' --port 18092 --name balancer-ll \
-           --workloads small-c64,small-c256 "$@"
+           "${compiled_ll[@]}" --workloads small-c64,small-c256 "$@"

@@ -2,7 +2,7 @@
 
 The harness appends --config-extra to every target's config; this wrapper does it for one target
 only (so one run can compare balancer with and without the access log and metrics).
-Usage: python bench/with_extra.py EXTRA.yaml CONFIG.yaml
+Usage: .venv/bin/python bench/with_extra.py EXTRA.yaml CONFIG.yaml (or .venv-native/bin/python)
 """
 
 import os
@@ -15,5 +15,5 @@ with open(config) as f, open(extra) as g:
 fd, path = tempfile.mkstemp(suffix=".yaml")
 with os.fdopen(fd, "w") as out:
     out.write(text)
-here = os.path.dirname(os.path.abspath(__file__))
-os.execv(os.path.join(here, "..", ".venv", "bin", "balancer"), ["balancer", "run", "-c", path])
+# The balancer of the environment this runs in: .venv (interpreted) or .venv-native (compiled).
+os.execv(os.path.join(os.path.dirname(sys.executable), "balancer"), ["balancer", "run", "-c", path])
