@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -48,11 +49,16 @@ def wait_ready(port: int, deadline: float) -> None:
 
 @contextlib.contextmanager
 def balancer(config: str, port: int) -> Iterator[subprocess.Popen[bytes]]:
-    """``balancer run`` on ``config`` (YAML text) until the block ends; SIGTERM, then wait."""
+    """``balancer run`` on ``config`` (YAML text) until the block ends; SIGTERM, then wait.
+
+    The balancer of the environment running the script: ``.venv/bin/python bench/X.py`` measures the
+    interpreted build, ``.venv-native/bin/python bench/X.py`` the compiled one.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "balancer.yaml"
         path.write_text(config)
-        proc = subprocess.Popen([str(ROOT / ".venv/bin/balancer"), "run", "-c", str(path)], cwd=ROOT,
+        command = Path(sys.executable).parent / "balancer"
+        proc = subprocess.Popen([str(command), "run", "-c", str(path)], cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             wait_ready(port, time.monotonic() + 30)
