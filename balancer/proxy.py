@@ -129,8 +129,9 @@ class Proxy:
         record = RequestRecord(time.monotonic(), time.time(), message.method, target,
                                request.protocol.peer_ip())
         record.headers = message.raw_headers
-        if message.version[1] == 0:
-            record.version = "1.0"
+        version = message.version
+        if version != HttpVersion11:
+            record.version = f"{version[0]}.{version[1]}"     # "1.0", or what a refused request said
         try:
             route = self._route(request, message, target, record)
             if route is None:

@@ -159,6 +159,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._closed_waiter: asyncio.Future[None] = self._loop.create_future()
         self._body: deque[bytes] = deque()
+        self._read_paused = False       # reading paused: more than HIGH_WATER body bytes buffered
         self._reset_exchange()
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
@@ -181,7 +182,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._got_bytes = False
         self._exc: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
-        self._read_paused = False
+        self._resume_reading()
         self._expect_no_body = False
         self.is_reused = self.requests > 0
 
@@ -475,22 +476,24 @@ class UpstreamConnection(asyncio.Protocol):
             if self._exc is not None:
                 raise self._exc
             await self._wait(timeout, UpstreamReadTimeout)
-        body = self._body
-        data = body.popleft() if len(body) == 1 else b"".join(body)
-        body.clear()
-        self._body_size = 0
-        if self._read_paused and self.transport is not None:
-            self._read_paused = False
-            self.transport.resume_reading()
-        return data
+        return self.take_body()
 
     def take_body(self) -> bytes:
-        """All buffered body bytes at once (only after the response is complete)."""
+        """All buffered body bytes at once (the whole body, once the response is complete)."""
         body = self._body
         data = body.popleft() if len(body) == 1 else b"".join(body)
         body.clear()
         self._body_size = 0
+        self._resume_reading()
         return data
+
+    def _resume_reading(self) -> None:
+        # Every way the buffer empties must resume: a connection pooled while paused would never see
+        # its next response (a complete body over HIGH_WATER, taken whole, once left it so: a 504).
+        if self._read_paused:
+            self._read_paused = False
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
 
     @property
     def response_complete(self) -> bool:

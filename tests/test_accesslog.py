@@ -12,12 +12,12 @@ import aiohttp
 
 from balancer.accesslog import AccessLog, format_json, format_text
 from balancer.record import RequestRecord
-from tests.conftest import async_wait_until
+from tests.conftest import async_wait_until, raw_request
 from tests.observe_helpers import config, get
 
 TEXT_LINE = re.compile(
     r'^(?P<client>\S+) - - \[(?P<time>\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d\.\d{3} \+0000)\] '
-    r'"(?P<method>\S+) (?P<target>[^"]*) HTTP/(?P<version>1\.[01])" (?P<status>\d{3}) (?P<bytes>\d+) '
+    r'"(?P<method>\S+) (?P<target>[^"]*) HTTP/(?P<version>\d\.\d)" (?P<status>\d{3}) (?P<bytes>\d+) '
     r'"(?P<referer>[^"]*)" "(?P<agent>[^"]*)" rid=(?P<rid>\S+) '
     r"route=(?P<route>\S+) pool=(?P<pool>\S+) backend=(?P<backend>\S+) upstream_status=(?P<us>\S+) "
     r"attempts=(?P<attempts>\d+) queue_ms=[\d.]+ connect_ms=[\d.]+ ttfb_ms=[\d.]+ "
@@ -106,7 +106,8 @@ async def test_json_lines_to_a_file(backend_ports: Any, balancer_factory: Any, t
 
 
 async def test_text_lines_to_a_file(backend_ports: Any, balancer_factory: Any, tmp_path: Path) -> None:
-    """The text format, end to end, including a request balancer itself answered (no route)."""
+    """The text format, end to end, including requests balancer itself answered (no route; an HTTP
+    version it does not serve, logged as the version the client sent)."""
     ports = await backend_ports(1)
     path = tmp_path / "access.log"
     extra = f"""log: {{access_log: true, access_log_path: '{path}'}}
@@ -117,10 +118,13 @@ routes:
     async with aiohttp.ClientSession() as session:
         assert await get(session, f"http://127.0.0.1:{balancer.port}/app/x") == [404]   # backend's 404
         assert await get(session, f"http://127.0.0.1:{balancer.port}/other") == [404]   # no route
-    lines = await async_wait_until(lambda: path.exists() and len(path.read_text().splitlines()) == 2
-                                   and path.read_text().splitlines(), timeout=5, message="2 lines")
-    first, second = (TEXT_LINE.match(line) for line in lines)
-    assert first is not None and second is not None, lines
+    answer = await raw_request(balancer.port, b"GET /app/x HTTP/2.0\r\nHost: h\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 505 ")
+    lines = await async_wait_until(lambda: path.exists() and len(path.read_text().splitlines()) == 3
+                                   and path.read_text().splitlines(), timeout=5, message="3 lines")
+    first, second, third = (TEXT_LINE.match(line) for line in lines)
+    assert first is not None and second is not None and third is not None, lines
+    assert (third["version"], third["status"]) == ("2.0", "505"), lines[2]
     assert first["version"] == "1.1" and "aiohttp" in first["agent"] and first["referer"] == "-"
     assert (first["route"], first["backend"], first["us"]) == ("app", f"web/127.0.0.1:{ports[0]}", "404")
     assert (second["route"], second["backend"], second["error"]) == ("-", "-", "no_route")

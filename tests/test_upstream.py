@@ -9,7 +9,7 @@ import time
 import pytest
 
 from balancer.errors import UpstreamReadTimeout, UpstreamResponseTimeout
-from balancer.upstream import PASSTHROUGH_MIN, Deadlines, UpstreamConnection, deadlines
+from balancer.upstream import HIGH_WATER, PASSTHROUGH_MIN, Deadlines, UpstreamConnection, deadlines
 
 
 def connection(expect_no_body: bool = False) -> UpstreamConnection:
@@ -17,6 +17,26 @@ def connection(expect_no_body: bool = False) -> UpstreamConnection:
     conn.mark_active()
     conn._expect_no_body = expect_no_body
     return conn
+
+
+class ReadingTransport(asyncio.Transport):
+    """Records whether reading is paused; writes go nowhere."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reading = True
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def is_closing(self) -> bool:
+        return False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        pass
 
 
 def feed(conn: UpstreamConnection, data: bytes, step: int) -> None:
@@ -143,3 +163,22 @@ async def test_long_waits_sit_in_their_own_slot_until_due() -> None:
     await asyncio.gather(*long_waits, return_exceptions=True)
     assert not any(wheel._slots.values())
     assert len(wheel._due) == len(wheel._slots)     # one heap entry per slot, however many waits
+
+
+async def test_a_whole_body_over_the_high_water_mark_resumes_reading_when_taken() -> None:
+    """A body over HIGH_WATER that arrives complete pauses reading from the backend; taking it whole
+    (the proxy's way for a complete response) resumes it. Left paused, the pooled connection never
+    saw its next response: the next request on it got a 504."""
+    conn = connection()
+    transport = ReadingTransport()
+    conn.transport = transport
+    body = b"x" * (HIGH_WATER + 1000)
+    conn.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
+                       % (len(body), body))
+    await conn.read_head(1.0)
+    assert conn.response_complete and conn.is_reusable and not transport.reading
+    assert conn.take_body() == body and transport.reading
+    conn.mark_idle()
+    conn.mark_active()
+    conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert (await conn.read_head(1.0)).status == 200 and conn.take_body() == b"ok" and transport.reading
