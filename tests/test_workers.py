@@ -60,10 +60,11 @@ def test_two_proxy_processes_share_the_port_state_and_stats(balancer_process: An
         replica_ticks = sum(int(x) for x in f.read().rsplit(")", 1)[1].split()[11:13])
     assert replica_ticks > 0
 
-    # An operator's drain reaches every process: no request of 40 goes to web/1.
+    # An operator's drain reaches every process: then no request of 40 goes to web/1. The replica
+    # learns it from the next snapshot, a few ms after the admin call returns (README: ~20 ms).
     _post(f"http://127.0.0.1:{admin}/backends/web/1/drain")
-    seen = {_get(f"http://127.0.0.1:{port}/")[1]["X-Backend"] for _ in range(40)}
-    assert seen == {"web/2"}
+    wait_until(lambda: {_get(f"http://127.0.0.1:{port}/")[1]["X-Backend"] for _ in range(40)} == {"web/2"},
+               timeout=5, message="the drain reached both processes")
     _post(f"http://127.0.0.1:{admin}/backends/web/1/enable")
 
     # A worker killed: out of rotation in every process.
