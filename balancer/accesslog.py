@@ -82,28 +82,34 @@ def _field(r: RequestRecord, name: bytes) -> str:
     return "-" if value is None else value.translate(_ESCAPES)
 
 
+_TEXT = ('%s - - [%s] "%s %s HTTP/%s" %d %d "%s" "%s" rid=%s route=%s pool=%s backend=%s '
+         "upstream_status=%s attempts=%d queue_ms=%.3f connect_ms=%.3f ttfb_ms=%.3f total_ms=%.3f error=%s")
+
+
 def format_text(r: RequestRecord) -> str:
-    target = r.target.decode("latin-1").translate(_ESCAPES)
-    return (f'{r.client} - - [{_stamps.clf(r.wall)}] "{r.method} {target} HTTP/{r.version}" {r.status} '
-            f'{r.bytes_out} "{_field(r, b"referer")}" "{_field(r, b"user-agent")}" '
-            f"rid={r.request_id.decode('latin-1') or '-'} route={r.route or '-'} pool={r.pool or '-'} "
-            f"backend={r.backend or '-'} upstream_status={r.upstream_status or '-'} "
-            f"attempts={r.attempts} queue_ms={r.queue_s * 1000:.3f} connect_ms={r.connect_s * 1000:.3f} "
-            f"ttfb_ms={r.ttfb_s * 1000:.3f} total_ms={r.total_s * 1000:.3f} error={r.error or '-'}")
+    # One %-format, not an f-string (bench/observe_cost.py): 2.7 against 4.3 µs a line compiled (mypyc
+    # builds f-strings piece by piece), 3.1 against 3.3 interpreted. The same holds for format_json.
+    return _TEXT % (r.client, _stamps.clf(r.wall), r.method, r.target.decode("latin-1").translate(_ESCAPES),
+                    r.version, r.status, r.bytes_out, _field(r, b"referer"), _field(r, b"user-agent"),
+                    r.request_id.decode("latin-1") or "-", r.route or "-", r.pool or "-", r.backend or "-",
+                    r.upstream_status or "-", r.attempts, r.queue_s * 1000, r.connect_s * 1000,
+                    r.ttfb_s * 1000, r.total_s * 1000, r.error or "-")
+
+
+_JSON = ('{"time":"%s","client":%s,"method":%s,"target":%s,"version":"%s","referer":%s,"user_agent":%s,'
+         '"status":%d,"upstream_status":%d,"bytes_in":%d,"bytes_out":%d,"route":%s,"pool":%s,"backend":%s,'
+         '"attempts":%d,"error":%s,"request_id":%s,"queue_ms":%.3f,"connect_ms":%.3f,"ttfb_ms":%.3f,'
+         '"total_ms":%.3f}')
 
 
 def format_json(r: RequestRecord) -> str:
     # Written out rather than json.dumps(dict): half the cost, and the key order is fixed.
-    return (f'{{"time":"{_stamps.iso(r.wall)}","client":{_json_str(r.client)},'
-            f'"method":{_json_str(r.method)},"target":{_json_str(r.target.decode("latin-1"))},'
-            f'"version":"{r.version}","referer":{_json_str(_header(r, b"referer") or "")},'
-            f'"user_agent":{_json_str(_header(r, b"user-agent") or "")},'
-            f'"status":{r.status},"upstream_status":{r.upstream_status},"bytes_in":{r.bytes_in},'
-            f'"bytes_out":{r.bytes_out},"route":{_json_str(r.route)},"pool":{_json_str(r.pool)},'
-            f'"backend":{_json_str(r.backend)},"attempts":{r.attempts},"error":{_json_str(r.error)},'
-            f'"request_id":{_json_str(r.request_id.decode("latin-1"))},'
-            f'"queue_ms":{r.queue_s * 1000:.3f},"connect_ms":{r.connect_s * 1000:.3f},'
-            f'"ttfb_ms":{r.ttfb_s * 1000:.3f},"total_ms":{r.total_s * 1000:.3f}}}')
+    return _JSON % (_stamps.iso(r.wall), _json_str(r.client), _json_str(r.method),
+                    _json_str(r.target.decode("latin-1")), r.version, _json_str(_header(r, b"referer") or ""),
+                    _json_str(_header(r, b"user-agent") or ""), r.status, r.upstream_status, r.bytes_in,
+                    r.bytes_out, _json_str(r.route), _json_str(r.pool), _json_str(r.backend), r.attempts,
+                    _json_str(r.error), _json_str(r.request_id.decode("latin-1")), r.queue_s * 1000,
+                    r.connect_s * 1000, r.ttfb_s * 1000, r.total_s * 1000)
 
 
 FORMATTERS: dict[str, Callable[[RequestRecord], str]] = {"text": format_text, "json": format_json}

@@ -60,9 +60,9 @@ async def main() -> None:
     js = per_record_us([format_json], recs[:50_000]) - baseline
     print(f"loop baseline                      {baseline:6.3f} µs/record")
     print(f"stats + slow log (admin on)        {stats:6.3f} µs/record")
-    print(f"access log observer (event loop)   {queued:6.3f} µs/record")
-    print(f"access log text formatting (thread) {text:6.3f} µs/record")
-    print(f"access log JSON formatting (thread) {js:6.3f} µs/record")
+    print(f"access log observer (text, formats){queued:6.3f} µs/record")
+    print(f"access log text formatting alone   {text:6.3f} µs/record")
+    print(f"access log JSON formatting alone   {js:6.3f} µs/record")
 
 
 if __name__ == "__main__":
