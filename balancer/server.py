@@ -66,6 +66,7 @@ class ParsedRequest(Protocol):
     @property
     def chunked(self) -> bool: ...
 
+
 def reason(status: int) -> bytes:
     try:
         return HTTPStatus(status).phrase.encode()
