@@ -5,6 +5,7 @@ BALANCER_EXPECT_COMPILED=1. Without this check a path slip (the sources shadowin
 package) would run the second pass interpreted and prove nothing.
 """
 
+import ast
 import importlib
 import os
 import sys
@@ -19,11 +20,13 @@ EXPECT_COMPILED = os.environ.get("BALANCER_EXPECT_COMPILED") == "1"
 
 
 def _compiled_list() -> list[str]:
-    # setup.py's COMPILED, read as text: importing setup.py would run setup().
-    text = (ROOT / "setup.py").read_text()
-    block = text[text.index("COMPILED = [") : text.index("]", text.index("COMPILED = ["))]
-    return [line.strip().strip('",').removeprefix("balancer/").removesuffix(".py")
-            for line in block.splitlines()[1:] if line.strip()]
+    # setup.py's COMPILED, parsed rather than imported: importing setup.py would run setup().
+    for node in ast.parse((ROOT / "setup.py").read_text()).body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "COMPILED"
+                                                for t in node.targets):
+            paths: list[str] = ast.literal_eval(node.value)
+            return [Path(path).stem for path in paths]
+    raise AssertionError("setup.py has no COMPILED list")
 
 
 def test_the_build_under_test_is_the_expected_one() -> None:
