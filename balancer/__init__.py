@@ -3,6 +3,6 @@
 
 def compiled() -> bool:
     """True when the request path runs compiled by mypyc (``make native``, see setup.py)."""
-    from . import proxy
+    from .dataplane import proxy
 
     return not proxy.__file__.endswith(".py")

@@ -19,18 +19,19 @@ from . import compiled
 from .accesslog import AccessLog
 from .admin import Admin
 from .config import Config, PoolConfig, load_config
+from .dataplane.connpool import UpstreamPools
+from .dataplane.frontdoor import FrontDoor
+from .dataplane.headers import TrustedProxies
+from .dataplane.listener import Listener
+from .dataplane.proxy import PoolRuntime, Proxy
+from .dataplane.record import RequestRecord
+from .dataplane.routing import Route, Router
 from .errors import ConfigError
-from .headers import TrustedProxies
 from .health import HealthChecker, SlowStart
-from .listener import Listener
+from .models import ClientTimeoutsConfig, LimitsConfig
 from .passive import PassiveHealth
-from .pool import UpstreamPools
-from .proxy import PoolRuntime, Proxy
-from .record import RequestRecord
 from .registry import Backend, Registry, wait_drained
 from .reload import Reload
-from .routing import Route, Router
-from .server import FrontDoor
 from .supervisor import RestartPolicy, Supervisor
 from .wiring import health_policy, pool_limits, pool_runtime, worker_spec
 from .workers import ProxyProcesses
@@ -109,7 +110,7 @@ class Balancer:
     def attach_backend(self, backend: Backend, p: PoolConfig | None = None) -> None:
         """Give a backend its connection pool and (if configured) its health checks."""
         p = p or self.config.pools[backend.pool]
-        self.upstream.add(backend.id, backend.host, backend.port, pool_limits(p))
+        self.upstream.add(backend.id, backend.host, backend.port, pool_limits(p, self.config.limits))
         policy = health_policy(p)
         if policy is not None:
             self.health.add(backend, policy, start_healthy=not backend.spawned)
@@ -207,16 +208,7 @@ class Balancer:
         self.slow_start.start()
         if self.access_log is not None:
             self.access_log.start()
-        limits = cfg.limits
-        self._web_server = FrontDoor(
-            self.proxy.handle, header_timeout=cfg.timeouts.client_header_s,
-            max_connections=limits.max_connections, access_log=None,
-            auto_decompress=False, keepalive_timeout=cfg.timeouts.client_idle_s,
-            # A client that goes away cancels its handler: the upstream request ends, its connection
-            # is closed and its slot freed.
-            handler_cancellation=True,
-            max_line_size=limits.max_request_line, max_field_size=limits.max_header_size,
-            max_headers=limits.max_headers)
+        self._web_server = FrontDoor(self.proxy.handle, cfg.limits, cfg.timeouts)
         port = cfg.listen.port if self.listen_port is None else self.listen_port
         self._listener = await Listener.open(self._web_server, cfg.listen.host, port,
                                              reuse_port=self.reuse_port or cfg.workers > 1)
@@ -282,17 +274,21 @@ class Balancer:
         return [o for o in self.proxy.observers if o != skip]
 
     async def _drain(self, server: FrontDoor, timeout: float) -> None:
+        """Idle keep-alive clients get a moment to send one more request; then the front door drains
+        for what is left of ``timeout`` and stops hard (see FrontDoor.shutdown)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         grace_end = loop.time() + min(KEEPALIVE_GRACE_S, timeout)
-        while loop.time() < deadline:
-            if not server.connections or (not server.busy_connections and loop.time() >= grace_end):
-                break
+        while loop.time() < grace_end and server.connections:  # noqa: ASYNC110  (a deadline)
             await asyncio.sleep(0.02)
-        busy = server.busy_connections
-        await server.shutdown(max(deadline - loop.time(), 0.0))
-        if busy:
-            log.warning("drain deadline (%gs) passed with %d requests in flight: cut", timeout, busy)
+        cut = await server.shutdown(max(deadline - loop.time(), 0.0))
+        if cut:
+            log.warning("drain deadline (%gs) passed with %d requests in flight: cut", timeout, cut)
+
+    def apply_client_settings(self, limits: LimitsConfig, timeouts: ClientTimeoutsConfig) -> None:
+        """Reload: new client-side limits and timeouts, for connections accepted from now on."""
+        if self._web_server is not None:
+            self._web_server.apply(limits, timeouts)
 
     async def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT, shut down. A second signal kills workers and exits."""

@@ -439,9 +439,13 @@ _LIMITS: Schema = {"max_body": ("max_body", _scalar(_size_value)),
                    "max_request_line": ("max_request_line", _integer(256, 1 << 20)),
                    "max_header_size": ("max_header_size", _integer(1024, 1 << 24)),
                    "max_headers": ("max_headers", _integer(1, 10000)),
-                   "max_connections": ("max_connections", _integer(0))}
+                   "max_connections": ("max_connections", _integer(0)),
+                   "max_response_header": ("max_response_header", _scalar(_size_value))}
 _CLIENT_TIMEOUTS: Schema = {"client_header": ("client_header_s", _duration(positive=True)),
-                            "client_idle": ("client_idle_s", _duration(positive=True))}
+                            "client_idle": ("client_idle_s", _duration(positive=True)),
+                            "client_body": ("client_body_s", _duration(positive=True)),
+                            "client_send": ("client_send_s", _duration(positive=True)),
+                            "tunnel_idle": ("tunnel_idle_s", _duration(positive=True))}
 _PASSIVE: Schema = {
     "enabled": ("enabled", _scalar(_boolean_value)),
     "consecutive_failures": ("consecutive_failures", _integer(1)),
@@ -463,7 +467,8 @@ _HEALTH: Schema = {
 }
 _TIMEOUTS: Schema = {"connect": ("connect_s", _duration(positive=True)),
                      "response": ("response_s", _duration(positive=True)),
-                     "read": ("read_s", _duration(positive=True))}
+                     "read": ("read_s", _duration(positive=True)),
+                     "send": ("send_s", _duration(positive=True))}
 _CONNECTIONS: Schema = {
     "max": ("max", _integer(0)), "max_idle": ("max_idle", _integer(0)), "min_idle": ("min_idle", _integer(0)),
     "idle_timeout": ("idle_timeout_s", _duration(positive=True)),

@@ -1,7 +1,8 @@
 """Every exception balancer raises, in one flat module (httpcore's ``_exceptions`` layout).
 
 Library errors are translated where they happen (``raise UpstreamConnectError(...) from exc``) so that
-the proxy maps a small, closed set of types to statuses in one table (``balancer.proxy.FAILURES``).
+the proxy maps a small, closed set of types to statuses in one table
+(``balancer.dataplane.proxy.FAILURES``).
 """
 
 from __future__ import annotations
@@ -40,6 +41,26 @@ class BodyTooLarge(BalancerError):
     """The client's request body passed ``limits.max_body`` (413)."""
 
 
+class ClientError(BalancerError):
+    """The client side of a request failed; no backend is to blame."""
+
+
+class ClientGone(ClientError):
+    """The client closed or reset its connection."""
+
+
+class ClientBodyInvalid(ClientError):
+    """The request body broke its framing (a bad chunk, say): 400, and the connection closes."""
+
+
+class ClientBodyTimeout(ClientError):
+    """The request body paused longer than ``timeouts.client_body`` between reads (408)."""
+
+
+class ClientSendTimeout(ClientError):
+    """The client read none of our response for ``timeouts.client_send``: it is cut."""
+
+
 # --- the upstream side (pool and connections) -------------------------------------------------------
 
 
@@ -75,6 +96,10 @@ class UpstreamReadTimeout(UpstreamError):
     """An idle gap mid-body longer than ``timeouts.read``; the status has already gone to the client."""
 
 
+class UpstreamSendTimeout(UpstreamError):
+    """The backend took none of the request for ``timeouts.send`` (504; the connection is closed)."""
+
+
 class UpstreamProtocolError(UpstreamError):
     """The backend sent something that is not valid HTTP/1.1, or bad framing (502)."""
 
@@ -82,13 +107,15 @@ class UpstreamProtocolError(UpstreamError):
 class UpstreamClosed(UpstreamError):
     """The backend closed or reset the connection.
 
-    ``before_response`` is true when not one byte of the response had arrived: the request may be
-    replayed (on a fresh connection when the failed one was reused).
+    ``before_response`` is true when not one byte of the response had arrived. ``sent`` is false when
+    the connection was found closed before any byte of the request was written: the request never
+    left balancer, and may go to another backend whatever its method.
     """
 
-    def __init__(self, message: str, *, before_response: bool) -> None:
+    def __init__(self, message: str, *, before_response: bool, sent: bool = True) -> None:
         super().__init__(message)
         self.before_response = before_response
+        self.sent = sent
 
 
 # --- processes ---------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from prometheus_client.registry import Collector
 from .stats import CODE_CLASSES, CONNECT_BUCKETS, DURATION_BUCKETS, Cell, Traffic
 
 if TYPE_CHECKING:
-    from .pool import UpstreamPools
+    from .dataplane.connpool import UpstreamPools
     from .registry import Backend, Registry
     from .supervisor import Supervisor
 

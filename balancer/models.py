@@ -64,15 +64,22 @@ class LimitsConfig:
     max_header_size: int = 32768
     max_headers: int = 100
     max_connections: int = 0
+    max_response_header: int = 65536     # a backend's response head over this: 502, connection closed
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ClientTimeoutsConfig:
     """Client side (top-level ``timeouts``): a request head must arrive within ``client_header_s``
-    (else 408); an idle keep-alive connection is closed after ``client_idle_s``."""
+    (else 408; a new connection that sends nothing is closed after it too); an idle keep-alive
+    connection is closed after ``client_idle_s``; a request body may pause at most ``client_body_s``
+    between reads (else 408); a client that reads none of our response for ``client_send_s`` is cut;
+    a tunnel (WebSocket) with no byte either way for ``tunnel_idle_s`` is closed."""
 
     client_header_s: float = 10.0
     client_idle_s: float = 75.0
+    client_body_s: float = 60.0
+    client_send_s: float = 60.0
+    tunnel_idle_s: float = 3600.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -132,11 +139,13 @@ class HealthConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TimeoutsConfig:
-    """Per upstream request, seconds: TCP connect, wait for the response head, longest gap mid-body."""
+    """Per upstream request, seconds: TCP connect, wait for the response head, longest gap mid-body,
+    longest wait for the backend to take more of the request (``send_s``)."""
 
     connect_s: float = 3.0
     response_s: float = 30.0
     read_s: float = 60.0
+    send_s: float = 60.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

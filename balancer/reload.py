@@ -27,10 +27,10 @@ import logging
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from .headers import TrustedProxies
+from .dataplane.headers import TrustedProxies
+from .dataplane.routing import Route, Router
 from .models import Config, PoolConfig
 from .registry import Backend, wait_drained
-from .routing import Route, Router
 from .supervisor import Worker
 from .wiring import health_policy, pool_limits, pool_runtime, worker_spec
 
@@ -76,6 +76,7 @@ class Reload:
         b.proxy.router = router_for(new)
         b.proxy.trusted = TrustedProxies(new.trusted_proxies)
         b.proxy.limits = new.limits
+        b.apply_client_settings(new.limits, new.timeouts)
         if new.routes != old.routes:
             self.changes.append("routes replaced")
         if new.listen != old.listen:
@@ -148,8 +149,8 @@ class Reload:
                 self._retired.append(gone)
                 self.changes.append(f"{gone.id} removed (draining)")
         # Settings of every backend that stays: connection limits and health checks.
-        limits, policy = pool_limits(new), health_policy(new)
-        if limits != pool_limits(old) or policy != health_policy(old):
+        limits, policy = pool_limits(new, self.new.limits), health_policy(new)
+        if limits != pool_limits(old, self.old.limits) or policy != health_policy(old):
             for backend in backend_set:
                 pool = b.upstream.get(backend.id)
                 if pool is not None:

@@ -36,7 +36,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .record import RequestRecord
+from .dataplane.record import RequestRecord
 from .registry import Backend
 
 # Prometheus histogram bounds (seconds); the last bucket is +Inf.

@@ -5,10 +5,10 @@ the proxy's per-pool runtime). Pure functions, shared by start-up (:mod:`balance
 
 from __future__ import annotations
 
+from .dataplane.connpool import PoolLimits
+from .dataplane.proxy import PoolRuntime
 from .health import HealthPolicy
-from .models import PoolConfig
-from .pool import PoolLimits
-from .proxy import PoolRuntime
+from .models import LimitsConfig, PoolConfig
 from .registry import BackendSet
 from .selection import make_selector
 from .supervisor import WorkerSpec
@@ -19,7 +19,7 @@ KEEPALIVE_MARGIN_S = 2.0
 EXTERNAL_IDLE_TIMEOUT_S = 15.0
 
 
-def pool_limits(pool: PoolConfig) -> PoolLimits:
+def pool_limits(pool: PoolConfig, limits: LimitsConfig) -> PoolLimits:
     c = pool.connections
     idle_timeout = c.idle_timeout_s
     if idle_timeout is None:
@@ -31,7 +31,7 @@ def pool_limits(pool: PoolConfig) -> PoolLimits:
     return PoolLimits(max=c.max, max_idle=c.max_idle, min_idle=c.min_idle, idle_timeout_s=idle_timeout,
                       max_requests=c.max_requests, max_lifetime_s=c.max_lifetime_s,
                       acquire_timeout_s=c.acquire_timeout_s, connect_timeout_s=pool.timeouts.connect_s,
-                      max_waiting=c.max_waiting)
+                      max_waiting=c.max_waiting, max_response_header=limits.max_response_header)
 
 
 def worker_spec(p: PoolConfig) -> WorkerSpec:
@@ -44,7 +44,8 @@ def worker_spec(p: PoolConfig) -> WorkerSpec:
 def pool_runtime(p: PoolConfig, backend_set: BackendSet) -> PoolRuntime:
     return PoolRuntime(name=p.name, backends=backend_set, selector=make_selector(p.balance),
                        response_timeout_s=p.timeouts.response_s,
-                       read_timeout_s=p.timeouts.read_s, retries=p.retries)
+                       read_timeout_s=p.timeouts.read_s, send_timeout_s=p.timeouts.send_s,
+                       retries=p.retries)
 
 
 def health_policy(pool: PoolConfig) -> HealthPolicy | None:

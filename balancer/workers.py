@@ -41,8 +41,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from .dataplane.record import RequestRecord
 from .models import Config, HealthConfig, PoolMap
-from .record import RequestRecord
 from .registry import AdminState, Backend
 from .supervisor import RestartPolicy, _child_setup, describe_exit
 

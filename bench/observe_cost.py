@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 
 from balancer.accesslog import AccessLog, format_json, format_text
-from balancer.record import RequestRecord
+from balancer.dataplane.record import RequestRecord
 from balancer.slowlog import SlowLog
 from balancer.stats import Traffic
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import timeit
 from functools import partial
 
-from balancer.routing import Route, Router
+from balancer.dataplane.routing import Route, Router
 
 
 def table(n: int) -> list[Route]:

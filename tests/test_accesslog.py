@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 
 from balancer.accesslog import AccessLog, format_json, format_text
-from balancer.record import RequestRecord
+from balancer.dataplane.record import RequestRecord
 from tests.conftest import async_wait_until, raw_request
 from tests.observe_helpers import config, get
 

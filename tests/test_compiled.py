@@ -25,7 +25,7 @@ def _compiled_list() -> list[str]:
         if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "COMPILED"
                                                 for t in node.targets):
             paths: list[str] = ast.literal_eval(node.value)
-            return [Path(path).stem for path in paths]
+            return [str(Path(path).with_suffix("")).replace("/", ".") for path in paths]
     raise AssertionError("setup.py has no COMPILED list")
 
 
@@ -35,7 +35,7 @@ def test_the_build_under_test_is_the_expected_one() -> None:
 
 @pytest.mark.parametrize("name", _compiled_list())
 def test_each_request_path_module_is_compiled_or_not_as_expected(name: str) -> None:
-    module = importlib.import_module(f"balancer.{name}")
+    module = importlib.import_module(name)
     assert module.__file__ is not None
     assert module.__file__.endswith(".py") is not EXPECT_COMPILED, module.__file__
 

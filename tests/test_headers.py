@@ -1,10 +1,10 @@
-"""balancer.headers: the fast field passes against a plain reference, on random field lists."""
+"""balancer.dataplane.headers: the fast field passes against a plain reference, on random field lists."""
 
 from __future__ import annotations
 
 import random
 
-from balancer.headers import HOP_BY_HOP, connection_tokens, request_fields, response_fields
+from balancer.dataplane.headers import HOP_BY_HOP, connection_tokens, request_fields, response_fields
 
 NAMES = [b"Host", b"host", b"HOST", b"User-Agent", b"Accept", b"Connection", b"connection",
          b"Keep-Alive", b"TE", b"Upgrade", b"X-Request-ID", b"x-request-id", b"X-Forwarded-For",

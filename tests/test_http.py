@@ -405,7 +405,7 @@ async def test_client_gone_while_waiting_frees_upstream_connection(balancer_fact
 
 def test_retry_budget_caps_extra_load() -> None:
     """Retries beyond ~20% of requests (after a small floor) are refused."""
-    from balancer.proxy import RetryBudget
+    from balancer.dataplane.proxy import RetryBudget
     budget = RetryBudget(ratio=0.2, floor=2)
     for _ in range(100):
         budget.on_request()
@@ -468,10 +468,10 @@ def test_failure_log_is_throttled(caplog: pytest.LogCaptureFixture) -> None:
     """A flood of the same failure logs one line a second per kind, with the count left out."""
     import logging
 
-    from balancer.proxy import ThrottledLog
+    from balancer.dataplane.proxy import ThrottledLog
     now = [100.0]
-    throttled = ThrottledLog(logging.getLogger("balancer.proxy"), clock=lambda: now[0])
-    with caplog.at_level(logging.WARNING, logger="balancer.proxy"):
+    throttled = ThrottledLog(logging.getLogger("balancer.dataplane.proxy"), clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="balancer.dataplane.proxy"):
         for _ in range(50):
             throttled.warning("no_backend", "503 %s", "x")
         throttled.warning("connect_error", "502 %s", "y")

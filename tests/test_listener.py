@@ -1,4 +1,4 @@
-"""balancer.listener: every waiting connection accepted per readiness, resource errors pause."""
+"""balancer.dataplane.listener: every waiting connection accepted per readiness, resource errors pause."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from balancer.listener import Listener
+from balancer.dataplane.listener import Listener
 from tests.conftest import async_wait_until
 
 

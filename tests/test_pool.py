@@ -11,9 +11,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from balancer.dataplane.connpool import ConnectionPool, PoolLimits
+from balancer.dataplane.upstream import ConnState, ResponseHead, UpstreamConnection
 from balancer.errors import PoolTimeout, UpstreamConnectError
-from balancer.pool import ConnectionPool, PoolLimits
-from balancer.upstream import ConnState, ResponseHead, UpstreamConnection
 from tests.conftest import async_wait_until
 
 
@@ -28,7 +28,7 @@ class FakeClock:
 def make_pool(clock: FakeClock, **limits: Any) -> tuple[ConnectionPool, list[UpstreamConnection]]:
     opened: list[UpstreamConnection] = []
 
-    async def connect(host: str, port: int, timeout: float) -> UpstreamConnection:
+    async def connect(host: str, port: int, timeout: float, max_head: int = 65536) -> UpstreamConnection:
         conn = UpstreamConnection(f"{host}:{port}", clock=clock)
         opened.append(conn)
         return conn
@@ -203,7 +203,7 @@ async def test_min_idle_is_opened_ahead_and_max_idle_caps_the_stack() -> None:
 
 async def test_connect_failure_frees_the_slot() -> None:
     """A failed connect is an error for the caller and leaves no slot taken."""
-    async def refuse(host: str, port: int, timeout: float) -> UpstreamConnection:
+    async def refuse(host: str, port: int, timeout: float, max_head: int = 65536) -> UpstreamConnection:
         raise UpstreamConnectError("refused")
 
     pool = ConnectionPool("127.0.0.1", 9, PoolLimits(max=1), connect=refuse)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from balancer.routing import SCAN_LIMIT, Route, Router
+from balancer.dataplane.routing import SCAN_LIMIT, Route, Router
 
 
 def reference(routes: list[Route], host: bytes, target: bytes) -> Route | None:

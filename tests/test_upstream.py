@@ -8,8 +8,9 @@ import time
 
 import pytest
 
+from balancer.dataplane.deadlines import Deadlines, deadlines
+from balancer.dataplane.upstream import HIGH_WATER, PASSTHROUGH_MIN, UpstreamConnection
 from balancer.errors import UpstreamReadTimeout, UpstreamResponseTimeout
-from balancer.upstream import HIGH_WATER, PASSTHROUGH_MIN, Deadlines, UpstreamConnection, deadlines
 
 
 def connection(expect_no_body: bool = False) -> UpstreamConnection:

@@ -31,8 +31,9 @@ _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:/+=@-]{1,200}")
 _RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
 
 
-# `Connection` tokens that name no other field we could be sending: nothing to filter for them.
-_PLAIN_TOKENS = HOP_BY_HOP | {b"close", b"keep-alive", b""}
+# `Connection` tokens that name no other field we could be sending: nothing to filter for them. Host
+# is never removed, whatever `Connection` lists: a request upstream carries exactly one.
+_PLAIN_TOKENS = HOP_BY_HOP | {b"close", b"keep-alive", b"", b"host"}
 
 
 def connection_tokens(values: Iterable[bytes]) -> frozenset[bytes]:

@@ -11,7 +11,10 @@ connections at the bottom age out) and counts the connections leased or being op
 
 1. pops idle connections from the top, discarding any that has expired (idle timeout, backend's
    ``Keep-Alive: timeout``, lifetime, request count) or gone stale (readable or closed while idle; the
-   protocol marks it the moment it happens) -- those are closed with their reason counted;
+   protocol marks it the moment it happens) -- those are closed with their reason counted. A request
+   that must not be sent twice (``fresh_within``) takes an idle connection only if it was used within
+   that many seconds (HAProxy's ``http-reuse safe`` in spirit): a connection idle for longer is the one
+   a backend may be closing at this very moment;
 2. else opens a new connection if ``max`` allows;
 3. else waits in FIFO order, up to ``acquire_timeout``, for a released connection or a free slot;
    past that :class:`PoolTimeout` (the proxy answers 503 with ``Retry-After``).
@@ -34,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import PoolQueueFull, PoolTimeout, UpstreamConnectError, UpstreamConnectTimeout
+from ..errors import PoolQueueFull, PoolTimeout, UpstreamConnectError, UpstreamConnectTimeout
 from .upstream import ConnState, UpstreamConnection
 
 log = logging.getLogger(__name__)
@@ -56,6 +59,7 @@ class PoolLimits:
     acquire_timeout_s: float = 5.0
     connect_timeout_s: float = 3.0
     max_waiting: int = 0                  # queue length at `max`; 0 = unlimited (time-bounded only)
+    max_response_header: int = 65536      # a response head over this is a protocol error (502)
 
 
 class PoolStats:
@@ -85,14 +89,15 @@ SURPLUS_GRACE_S = 1.0
 Closing = tuple[UpstreamConnection, str]
 
 
-async def open_connection(host: str, port: int, timeout: float) -> UpstreamConnection:
+async def open_connection(host: str, port: int, timeout: float,
+                          max_head: int = 65536) -> UpstreamConnection:
     """Open a TCP connection to a backend; library errors translated to ours."""
     loop = asyncio.get_running_loop()
     address = f"{host}:{port}"
     try:
         async with asyncio.timeout(timeout):
-            transport, conn = await loop.create_connection(lambda: UpstreamConnection(address),
-                                                           host, port)
+            transport, conn = await loop.create_connection(
+                lambda: UpstreamConnection(address, max_head=max_head), host, port)
     except TimeoutError as exc:
         raise UpstreamConnectTimeout(f"connect to {address} timed out after {timeout:g}s") from exc
     except OSError as exc:
@@ -133,10 +138,18 @@ class ConnectionPool:
         return conn.has_expired(now, limits.idle_timeout_s, limits.max_lifetime_s or None,
                                 limits.max_requests or None)
 
-    def _take_idle(self, now: float) -> tuple[UpstreamConnection | None, list[Closing]]:
-        """Pop the most recently used healthy idle connection; also return the expired ones met."""
+    def _take_idle(self, now: float, fresh_within: float | None = None
+                   ) -> tuple[UpstreamConnection | None, list[Closing]]:
+        """Pop the most recently used healthy idle connection; also return the expired ones met.
+        With ``fresh_within``, a connection idle for longer is left (or closed, when its slot is
+        needed for a new connection)."""
         expired: list[Closing] = []
         while self._idle:
+            if fresh_within is not None and now - self._idle[-1].idle_since > fresh_within:
+                if not self._can_open():
+                    expired.append((self._idle.pop(0), "surplus"))   # make room: the least recent
+                    continue
+                return None, expired
             conn = self._idle.pop()
             reason = self._expiry(conn, now)
             if reason is None:
@@ -186,12 +199,12 @@ class ConnectionPool:
 
     # --- the async shell -----------------------------------------------------------------------------
 
-    def acquire_idle(self) -> UpstreamConnection | None:
+    def acquire_idle(self, fresh_within: float | None = None) -> UpstreamConnection | None:
         """Lease an idle connection if one is reusable now (the common case, without a coroutine);
         None means: call :meth:`acquire`."""
         if not self._idle or self._waiters:
             return None
-        conn, expired = self._take_idle(self._clock())
+        conn, expired = self._take_idle(self._clock(), fresh_within)
         if expired:
             self._close_all(expired)
         if conn is None:
@@ -199,14 +212,14 @@ class ConnectionPool:
         self.stats.acquires += 1
         return self._lease(conn, 0.0)
 
-    async def acquire(self) -> UpstreamConnection:
+    async def acquire(self, fresh_within: float | None = None) -> UpstreamConnection:
         """Lease a connection: reused idle, new, or after waiting. The caller must ``release`` it.
 
         The leased connection carries ``queue_s`` (time spent waiting for a slot) and ``connect_s``
         (time to open it; 0 when reused) for the request's timings.
         """
         self.stats.acquires += 1
-        conn, expired = self._take_idle(self._clock())
+        conn, expired = self._take_idle(self._clock(), fresh_within)
         self._close_all(expired)
         if conn is not None:
             return self._lease(conn, 0.0)
@@ -239,7 +252,8 @@ class ConnectionPool:
         started = self._clock()
         try:
             conn: UpstreamConnection = await self._connect(self.host, self.port,
-                                                           self.limits.connect_timeout_s)
+                                                           self.limits.connect_timeout_s,
+                                                           self.limits.max_response_header)
         except BaseException:
             self._opening -= 1
             self._wake_one()

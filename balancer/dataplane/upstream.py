@@ -19,29 +19,39 @@ Response data flows ``data_received -> parser -> callbacks -> self._body`` and o
 until the client side has taken them (backpressure end to end). Request bytes go out through
 :meth:`write`, which waits on the transport's own pause/resume flow control.
 
-Read timeouts are deadlines checked by one timer per event loop (:class:`Deadlines`), every
-``Deadlines.TICK_S``, not a timer per wait: uvloop's ``call_later`` plus ``cancel`` cost about 1.8 µs,
-a set insertion and removal 40 ns, on every request. A timeout fires up to one tick late.
+Every wait (response head, body gap, a write the backend does not take) has a deadline on the
+event loop's timing wheel (:mod:`.deadlines`).
+
+A response is delivered exactly by its framing. Anything else is a violation that closes the
+connection (never pooled): bytes after a complete response (the next client must never see them), a
+status outside 100-599, a 101 we did not ask for, a Transfer-Encoding other than ``chunked``, a head
+larger than ``limits.max_response_header``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
-import heapq
 import time
-import weakref
 from collections import deque
-from typing import Any, ClassVar
+from typing import Any
 
 import httptools
 
-from .errors import UpstreamClosed, UpstreamProtocolError, UpstreamReadTimeout, UpstreamResponseTimeout
+from ..errors import (
+    UpstreamClosed,
+    UpstreamProtocolError,
+    UpstreamReadTimeout,
+    UpstreamResponseTimeout,
+    UpstreamSendTimeout,
+)
+from .deadlines import deadlines
+from .tunnel import Tunnel
 
 HIGH_WATER = 256 * 1024
 # Content-Length bodies from this size on bypass the parser (saves a copy of every piece).
 PASSTHROUGH_MIN = 64 * 1024
-LOW_WATER = 64 * 1024
+MAX_HEAD = 64 * 1024       # limits.max_response_header's default
 # len(b"keep-alive"), len(b"content-length"), len(b"transfer-encoding")
 _FRAMING_NAME_LENGTHS = frozenset({10, 14, 17})
 
@@ -66,60 +76,6 @@ _TRANSITIONS: dict[ConnState, frozenset[ConnState]] = {
 }
 
 
-class Deadlines:
-    """The read deadlines of the connections waiting on their backend, in one event loop.
-
-    A timing wheel of ``TICK_S`` slots: a waiting connection sits in the set of the first slot after
-    its deadline; each tick takes only the slots that are due (a heap of slot numbers), so thousands
-    of long waits (streams idling in ``read_body``) cost nothing until they are due.
-    """
-
-    TICK_S: ClassVar[float] = 0.05
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._slots: dict[int, set[UpstreamConnection]] = {}
-        self._due: list[int] = []       # heap of the slot numbers in _slots
-        self._timer: asyncio.TimerHandle | None = None
-
-    def add(self, conn: UpstreamConnection) -> None:
-        slot = int(conn.deadline / self.TICK_S) + 1
-        waiting = self._slots.get(slot)
-        if waiting is None:
-            waiting = self._slots[slot] = set()
-            heapq.heappush(self._due, slot)
-        waiting.add(conn)
-        conn.deadline_slot = slot
-        if self._timer is None:
-            self._timer = self._loop.call_later(self.TICK_S, self._tick)
-
-    def discard(self, conn: UpstreamConnection) -> None:
-        # An emptied slot stays until it is due: deleting it would let the next wait re-create it
-        # and push its number onto the heap again, once per request.
-        waiting = self._slots.get(conn.deadline_slot)
-        if waiting is not None:
-            waiting.discard(conn)
-
-    def _tick(self) -> None:
-        now_slot = int(self._loop.time() / self.TICK_S)
-        due = self._due
-        while due and due[0] <= now_slot:
-            for conn in self._slots.pop(heapq.heappop(due), ()):
-                conn.deadline_passed()
-        self._timer = self._loop.call_later(self.TICK_S, self._tick) if self._slots else None
-
-
-_DEADLINES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Deadlines] = weakref.WeakKeyDictionary()
-
-
-def deadlines(loop: asyncio.AbstractEventLoop) -> Deadlines:
-    """The :class:`Deadlines` of ``loop``."""
-    found = _DEADLINES.get(loop)
-    if found is None:
-        found = _DEADLINES[loop] = Deadlines(loop)
-    return found
-
-
 class ResponseHead:
     """Status line and raw header fields of a final (non-1xx) response."""
 
@@ -138,8 +94,9 @@ class ResponseHead:
 class UpstreamConnection(asyncio.Protocol):
     """A keep-alive HTTP/1.1 client connection to one backend. See the module docstring."""
 
-    def __init__(self, address: str, *, clock: Any = time.monotonic) -> None:
+    def __init__(self, address: str, *, clock: Any = time.monotonic, max_head: int = MAX_HEAD) -> None:
         self.address = address
+        self._max_head = max_head
         self._clock = clock
         self.state = ConnState.CONNECTING
         self.created_at = clock()
@@ -154,20 +111,17 @@ class UpstreamConnection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._deadlines = deadlines(self._loop)
         self.deadline = 0.0             # loop time by which the awaited bytes must arrive
-        self.deadline_slot = 0          # its slot in Deadlines
+        self.deadline_slot = 0          # owned by the wheel
         self._timeout: tuple[type[Exception], float] = (UpstreamResponseTimeout, 0.0)
         self._parser = httptools.HttpResponseParser(self)
-        self._closed_waiter: asyncio.Future[None] = self._loop.create_future()
         self._body: deque[bytes] = deque()
         self._read_paused = False       # reading paused: more than HIGH_WATER body bytes buffered
         self._reset_exchange()
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
-        # After a 101: where backend bytes go, and the bytes that came with the 101 head.
-        self._tunnel: asyncio.Transport | None = None
-        self._tunnel_done: asyncio.Future[None] | None = None
-        self._upgrade_tail = b""
-        self.tunnel_bytes = 0
+        # After a 101: the tunnel that takes every later byte, and the bytes that came with the head.
+        self._tunnel: Tunnel | None = None
+        self.upgrade_tail = b""
 
     def _reset_exchange(self) -> None:
         self._head: ResponseHead | None = None
@@ -184,6 +138,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._resume_reading()
         self._expect_no_body = False
+        self._upgrade_asked = False
+        self._head_bytes = 0             # bytes read before the head was complete
+        self._dirty = False              # something unexpected was seen: never reuse
         self.is_reused = self.requests > 0
 
     # --- state ---------------------------------------------------------------------------------------
@@ -227,7 +184,7 @@ class UpstreamConnection(asyncio.Protocol):
         """The response was read completely and both sides agreed on keep-alive."""
         head = self._head
         return (self.state is ConnState.ACTIVE and self._complete and self._exc is None
-                and head is not None and head.keep_alive and not head.upgrade)
+                and head is not None and head.keep_alive and not head.upgrade and not self._dirty)
 
     def close(self, reason: str) -> None:
         """Close now (idempotent). The reason feeds the pool's per-reason statistics."""
@@ -250,25 +207,20 @@ class UpstreamConnection(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses, but have the same interface.
         self.transport = transport  # type: ignore[assignment]
 
-    def start_tunnel(self, client: asyncio.Transport, done: asyncio.Future[None]) -> None:
-        """Relay every later byte from the backend to ``client``; ``done`` resolves when we close."""
-        self._tunnel = client
-        self._tunnel_done = done
-        if self._upgrade_tail:
-            self.tunnel_bytes += len(self._upgrade_tail)
-            client.write(self._upgrade_tail)
-            self._upgrade_tail = b""
-        if self.state is ConnState.CLOSED and not done.done():
-            done.set_result(None)
+    def attach_tunnel(self, tunnel: Tunnel) -> None:
+        """Every later byte from the backend goes to ``tunnel`` (after a 101)."""
+        self._tunnel = tunnel
+        self._dirty = True
+        if self.state is ConnState.CLOSED:
+            tunnel.backend_closed()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._tunnel_done is not None and not self._tunnel_done.done():
-            self._tunnel_done.set_result(None)
+        self._deadlines.disarm(self)
+        if self._tunnel is not None:
+            self._tunnel.backend_closed()
         if self.state is not ConnState.CLOSED:
             self.close_reason = "backend_close" if exc is None else "error"
             self.state = ConnState.CLOSED
-        if not self._closed_waiter.done():
-            self._closed_waiter.set_result(None)
         head = self._head
         if head is not None and not self._complete and head.content_length is None \
                 and not head.chunked and self._exc is None:
@@ -285,8 +237,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._tunnel is not None:
-            self.tunnel_bytes += len(data)
-            self._tunnel.write(data)
+            self._tunnel.backend_data(data)
             return
         if self._passthrough:
             self._take_passthrough(data)
@@ -296,18 +247,29 @@ class UpstreamConnection(asyncio.Protocol):
             # Either way it can never carry a request again.
             self.close("stale")
             return
+        if self._complete or self._dirty:
+            # Bytes after a complete response, before our next request: never served to anyone,
+            # and the connection is closed when it is released (nginx: "upstream sent more data").
+            self._dirty = True
+            return
         self._got_bytes = True
+        head_pending = self._head is None
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
-            if isinstance(exc.__context__, _StopAfterHead) and self._head is not None:
+            cause = exc.__context__
+            if isinstance(cause, _StopAfterHead) and self._head is not None:
                 self._after_stopped_head(data)
                 return
-            self._fail(UpstreamProtocolError(f"invalid response from backend: {exc.__context__ or exc}"))
+            if isinstance(cause, _ExtraBytes):
+                self._dirty = True
+                self._parser = httptools.HttpResponseParser(self)
+                return
+            self._fail(UpstreamProtocolError(f"invalid response from backend: {cause or exc}"))
             self.abort("error")
         except httptools.HttpParserUpgrade as exc:
-            # 101 Switching Protocols: bytes after the head belong to the tunnel.
-            self._upgrade_tail = data[exc.args[0]:] if exc.args else b""
+            # 101 Switching Protocols (asked for): bytes after the head belong to the tunnel.
+            self.upgrade_tail = data[exc.args[0]:] if exc.args else b""
             self._wake()
         except httptools.HttpParserError as exc:
             self._fail(UpstreamProtocolError(f"invalid response from backend: {exc}"))
@@ -315,6 +277,11 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             if self._head is None:
                 self._head_tail = (self._head_tail + data)[-3:]
+                # Still no complete head: bound what llhttp holds of it (one read past the limit).
+                self._head_bytes += len(data)
+                if head_pending and self._head_bytes > self._max_head:
+                    self._fail(UpstreamProtocolError(f"response head over {self._max_head} bytes"))
+                    self.abort("error")
 
     def _after_stopped_head(self, data: bytes) -> None:
         """We stopped llhttp at the end of a head (HEAD response, or a large body we pass through
@@ -353,14 +320,22 @@ class UpstreamConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        if self._tunnel is not None:
+            self._tunnel.backend_pause_writing()
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if self._tunnel is not None:
+            self._tunnel.backend_resume_writing()
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
     # --- httptools callbacks --------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._complete:
+            raise _ExtraBytes        # a second response where none was asked for
 
     def on_status(self, reason: bytes) -> None:
         self._pending_head.reason += reason
@@ -375,6 +350,10 @@ class UpstreamConnection(asyncio.Protocol):
         parser = self._parser
         head = self._pending_head
         status = parser.get_status_code()
+        if status < 100 or status > 599:
+            raise UpstreamProtocolError(f"status {status} from backend")
+        if status == 101 and not self._upgrade_asked:
+            raise UpstreamProtocolError("101 Switching Protocols from backend, not asked for")
         if 100 <= status < 200 and status != 101:
             # Interim response (100 Continue, 103 Early Hints): not the final answer; absorb it.
             self._pending_head = ResponseHead()
@@ -405,6 +384,9 @@ class UpstreamConnection(asyncio.Protocol):
             if lname == b"content-length":
                 lengths.append(value)
             elif lname == b"transfer-encoding":
+                if head.chunked or value.strip().lower() != b"chunked":
+                    # Any other coding would make the body's end ours to guess (nginx: 502).
+                    raise UpstreamProtocolError(f"Transfer-Encoding {value[:40]!r} from backend")
                 head.chunked = True
             elif lname == b"keep-alive":
                 self._note_keepalive(value)
@@ -437,26 +419,39 @@ class UpstreamConnection(asyncio.Protocol):
 
     # --- the request/response exchange (called by the proxy) ------------------------------------------
 
-    def begin(self, head: bytes, expect_no_body: bool, body: list[bytes] | None = None) -> None:
-        """Send a request head and the body pieces already received, in one vectored write."""
+    def begin(self, head: bytes, expect_no_body: bool, body: list[bytes] | None = None,
+              upgrade: bool = False) -> None:
+        """Send a request head and the body pieces already received, in one vectored write.
+
+        Raises :class:`UpstreamClosed` with ``sent=False`` when the connection is already closed:
+        then not one byte of the request left balancer.
+        """
         self.requests += 1
         self._expect_no_body = expect_no_body
-        assert self.transport is not None
+        self._upgrade_asked = upgrade
+        if self.state is ConnState.CLOSED or self.transport is None or self.transport.is_closing():
+            raise UpstreamClosed("backend closed the connection before the request",
+                                 before_response=True, sent=False)
         if body:
             self.transport.writelines([head, *body])
         else:
             self.transport.write(head)
 
-    async def write(self, data: bytes) -> None:
-        """Send request body bytes, waiting while the backend's socket buffer is full."""
+    async def write(self, data: bytes, timeout: float) -> None:
+        """Send request body bytes, waiting while the backend's socket buffer is full: up to
+        ``timeout`` seconds for it to take more (:class:`UpstreamSendTimeout`, nginx's
+        ``proxy_send_timeout``)."""
         if self.state is ConnState.CLOSED or self.transport is None:
             raise UpstreamClosed("backend closed the connection", before_response=not self._got_bytes)
         self.transport.write(data)
         if self._write_paused:
-            self._drain_waiter = self._loop.create_future()
+            waiter = self._drain_waiter = self._loop.create_future()
+            self._timeout = (UpstreamSendTimeout, timeout)
+            self._deadlines.arm(self, self._loop.time() + timeout)
             try:
-                await self._drain_waiter
+                await waiter
             finally:
+                self._deadlines.disarm(self)
                 self._drain_waiter = None
 
     async def read_head(self, timeout: float) -> ResponseHead:
@@ -501,22 +496,22 @@ class UpstreamConnection(asyncio.Protocol):
 
     async def _wait(self, timeout: float, error: type[Exception]) -> None:
         waiter = self._waiter = self._loop.create_future()
-        self.deadline = self._loop.time() + timeout
         self._timeout = (error, timeout)
         deadlines = self._deadlines
-        deadlines.add(self)
+        deadlines.arm(self, self._loop.time() + timeout)
         try:
             await waiter
         finally:
-            deadlines.discard(self)
+            deadlines.disarm(self)
             self._waiter = None
 
-    def deadline_passed(self) -> None:
-        """Called by :class:`Deadlines`: nothing arrived in time."""
-        waiter = self._waiter
+    def deadline_passed(self, now: float) -> None:
+        """Called by the wheel: nothing arrived, or nothing was taken, in time."""
+        error, timeout = self._timeout
+        waiter = self._waiter if error is not UpstreamSendTimeout else self._drain_waiter
         if waiter is not None and not waiter.done():
-            error, timeout = self._timeout
-            waiter.set_exception(error(f"no data from backend within {timeout:g}s"))
+            what = "taken by" if error is UpstreamSendTimeout else "from"
+            waiter.set_exception(error(f"no data {what} backend within {timeout:g}s"))
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -527,9 +522,6 @@ class UpstreamConnection(asyncio.Protocol):
         if self._exc is None and not self._complete:
             self._exc = exc
         self._wake()
-
-    async def wait_closed(self) -> None:
-        await self._closed_waiter
 
     def info(self, now: float) -> dict[str, Any]:
         return {
@@ -546,3 +538,7 @@ class UpstreamConnection(asyncio.Protocol):
 
 class _StopAfterHead(Exception):
     """Raised inside the parser callback to end a bodiless (HEAD) response at its head."""
+
+
+class _ExtraBytes(Exception):
+    """Raised inside the parser callback: a response began after the complete one."""

@@ -7,6 +7,8 @@ not keep a reference they mutate.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class RequestRecord:
     __slots__ = ("attempts", "backend", "bytes_in", "bytes_out", "client", "connect_s", "error", "headers",
@@ -21,7 +23,7 @@ class RequestRecord:
         self.client = client
         # The client's raw header fields and HTTP version, by reference (no copy, no parsing here):
         # the access log's writer thread picks Referer and User-Agent out of them.
-        self.headers: tuple[tuple[bytes, bytes], ...] = ()
+        self.headers: Sequence[tuple[bytes, bytes]] = ()
         self.version = "1.1"
         self.route = ""
         self.pool = ""
