@@ -35,7 +35,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from ..errors import PoolQueueFull, PoolTimeout, UpstreamConnectError, UpstreamConnectTimeout
 from .upstream import ConnState, UpstreamConnection
@@ -96,12 +96,13 @@ async def open_connection(host: str, port: int, timeout: float,
     address = f"{host}:{port}"
     try:
         async with asyncio.timeout(timeout):
-            transport, conn = await loop.create_connection(
-                lambda: UpstreamConnection(address, max_head=max_head), host, port)
+            transport, protocol = await loop.create_connection(
+                lambda: cast(asyncio.Protocol, UpstreamConnection(address, max_head=max_head)), host, port)
     except TimeoutError as exc:
         raise UpstreamConnectTimeout(f"connect to {address} timed out after {timeout:g}s") from exc
     except OSError as exc:
         raise UpstreamConnectError(f"connect to {address} failed: {exc.strerror or exc}") from exc
+    conn = cast(UpstreamConnection, protocol)
     # uvloop may resolve create_connection() before it has called connection_made().
     conn.transport = transport
     return conn

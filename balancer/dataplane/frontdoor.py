@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-:class:`ClientConnection` is an ``asyncio.Protocol`` with llhttp (httptools' ``HttpRequestParser``)
+:class:`ClientConnection` is an asyncio protocol with llhttp (httptools' ``HttpRequestParser``)
 parsing requests. It has explicit states and a transition table (as :mod:`.upstream` has)::
 
     WAITING --first head byte--> HEAD --head complete--> BUSY      (a request being served)
@@ -48,7 +48,7 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 
 import httptools
 
@@ -369,8 +369,12 @@ class Exchange:
 Handler = Callable[[Exchange], Awaitable[None]]
 
 
-class ClientConnection(asyncio.Protocol):
-    """One client connection. See the module docstring."""
+class ClientConnection:
+    """One client connection. See the module docstring.
+
+    An asyncio protocol by its methods, not by inheritance: a subclass of ``asyncio.Protocol`` (a
+    Python class) would stay a Python class in the compiled build, with every attribute in a dict.
+    """
 
     def __init__(self, door: FrontDoor) -> None:
         self.door = door
@@ -889,7 +893,7 @@ class FrontDoor:
             return _Refuse()
         conn = ClientConnection(self)
         self.connections.add(conn)
-        return conn
+        return cast(asyncio.Protocol, conn)
 
     def forget(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)

@@ -183,7 +183,10 @@ class Proxy:
             tunnel = request.upgrade and bool(upgrade) and upgrade.lower() != b"h2c"
             retry_ok = not tunnel and (method in IDEMPOTENT or request.has_idempotency_key)
             try:
-                body, streamed_body = await self._small_body(request, record)
+                body: list[bytes] = []
+                streamed_body = False
+                if request.body is not None:
+                    body, streamed_body = await self._small_body(request, record)
                 if tunnel:
                     framing = b"Connection: Upgrade\r\nUpgrade: " + upgrade + b"\r\n"
                 elif streamed_body:
@@ -291,6 +294,7 @@ class Proxy:
         tries = runtime.retries + 1
         deadline = record.start + runtime.response_timeout_s * tries
         fresh_within = None if retry_ok else SAFE_REUSE_S
+        is_head = request.method == "HEAD"
         head = line + rest
         for attempt_no in range(tries):
             if attempt_no and (time.monotonic() >= deadline or not self._budget.take()):
@@ -306,9 +310,37 @@ class Proxy:
                 # HTTP/1.0 without Host: the backend gets one (we speak HTTP/1.1 to it).
                 head = line + b"Host: " + backend.address.encode() + b"\r\n" + rest
             lease = Lease(backend, self._pool_by_id[backend.id], self._outcome)
+            pool = lease.pool
+            replayed = False
             try:
-                response_head = await self._attempt(lease, runtime, request, head, body, streamed_body,
-                                                    retry_ok, upgrade, fresh_within, record)
+                while True:             # at most twice: the replay after a dead reused connection
+                    record.attempts += 1
+                    conn = pool.acquire_idle(fresh_within) or await pool.acquire(fresh_within)
+                    lease.conn = conn
+                    record.queue_s += conn.queue_s
+                    record.connect_s += conn.connect_s
+                    try:
+                        if streamed_body:
+                            conn.begin(head, is_head, None, upgrade)
+                            record.bytes_in = await self._send_streamed_body(conn, request,
+                                                                             runtime.send_timeout_s)
+                        else:
+                            conn.begin(head, is_head, body, upgrade)
+                        response_head = await conn.read_head(runtime.response_timeout_s)
+                    except UpstreamClosed as exc:
+                        # A reused connection found closed before any response byte: once more on a
+                        # fresh one, if the request did not leave or may be sent twice.
+                        if (exc.before_response and conn.is_reused and not replayed
+                                and (not exc.sent or (retry_ok and not streamed_body))):
+                            replayed = True
+                            pool.stats.replayed += 1
+                            log.debug("replaying on a fresh connection to %s: %s", pool.host, exc)
+                            lease.drop_connection()
+                            # Idle connections older than this one are as likely to be dead.
+                            pool.close_idle("stale")
+                            continue
+                        raise
+                    break
             except UpstreamError as exc:
                 sent = not never_sent(exc)
                 lease.finish(None if isinstance(exc, PoolTimeout) else False)
@@ -329,39 +361,6 @@ class Proxy:
             return lease, lease.conn, response_head
         assert last_exc is not None
         raise last_exc
-
-    async def _attempt(self, lease: Lease, runtime: PoolRuntime, request: Exchange, head: bytes,
-                       body: list[bytes], streamed_body: bool, retry_ok: bool, upgrade: bool,
-                       fresh_within: float | None, record: RequestRecord) -> ResponseHead:
-        """Send the request on one backend and wait for its response head; at most one replay on a
-        fresh connection when a reused one was found closed (see the module docstring)."""
-        pool = lease.pool
-        is_head = request.method == "HEAD"
-        replayed = False
-        while True:
-            record.attempts += 1
-            conn = pool.acquire_idle(fresh_within) or await pool.acquire(fresh_within)
-            lease.conn = conn
-            record.queue_s += conn.queue_s
-            record.connect_s += conn.connect_s
-            try:
-                if streamed_body:
-                    conn.begin(head, is_head, None, upgrade)
-                    record.bytes_in = await self._send_streamed_body(conn, request, runtime.send_timeout_s)
-                else:
-                    conn.begin(head, is_head, body, upgrade)
-                return await conn.read_head(runtime.response_timeout_s)
-            except UpstreamClosed as exc:
-                if (exc.before_response and conn.is_reused and not replayed
-                        and (not exc.sent or (retry_ok and not streamed_body))):
-                    replayed = True
-                    pool.stats.replayed += 1
-                    log.debug("replaying on a fresh connection to %s: %s", pool.host, exc)
-                    lease.drop_connection()
-                    # Idle connections older than this one are as likely to be dead: drop them.
-                    pool.close_idle("stale")
-                    continue
-                raise
 
     async def _send_streamed_body(self, conn: UpstreamConnection, request: Exchange, timeout: float) -> int:
         body = request.body

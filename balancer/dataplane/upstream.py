@@ -91,8 +91,11 @@ class ResponseHead:
         self.upgrade = False
 
 
-class UpstreamConnection(asyncio.Protocol):
-    """A keep-alive HTTP/1.1 client connection to one backend. See the module docstring."""
+class UpstreamConnection:
+    """A keep-alive HTTP/1.1 client connection to one backend. See the module docstring.
+
+    An asyncio protocol by its methods, not by inheritance (see ``frontdoor.ClientConnection``).
+    """
 
     def __init__(self, address: str, *, clock: Any = time.monotonic, max_head: int = MAX_HEAD) -> None:
         self.address = address
@@ -206,6 +209,9 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but have the same interface.
         self.transport = transport  # type: ignore[assignment]
+
+    def eof_received(self) -> bool:
+        return False                 # the backend closed its side: so do we (connection_lost follows)
 
     def attach_tunnel(self, tunnel: Tunnel) -> None:
         """Every later byte from the backend goes to ``tunnel`` (after a 101)."""
@@ -457,7 +463,10 @@ class UpstreamConnection(asyncio.Protocol):
     async def read_head(self, timeout: float) -> ResponseHead:
         """Wait up to ``timeout`` seconds for the final response head."""
         if self._head is None and self._exc is None:
-            await self._wait(timeout, UpstreamResponseTimeout)
+            try:
+                await self._start_wait(timeout, UpstreamResponseTimeout)
+            finally:
+                self._end_wait()
         if self._head is None:
             assert self._exc is not None
             raise self._exc
@@ -470,7 +479,10 @@ class UpstreamConnection(asyncio.Protocol):
                 return b""
             if self._exc is not None:
                 raise self._exc
-            await self._wait(timeout, UpstreamReadTimeout)
+            try:
+                await self._start_wait(timeout, UpstreamReadTimeout)
+            finally:
+                self._end_wait()
         return self.take_body()
 
     def take_body(self) -> bytes:
@@ -494,16 +506,17 @@ class UpstreamConnection(asyncio.Protocol):
     def response_complete(self) -> bool:
         return self._complete
 
-    async def _wait(self, timeout: float, error: type[Exception]) -> None:
+    def _start_wait(self, timeout: float, error: type[Exception]) -> asyncio.Future[None]:
+        """A waiter for the next bytes, with its deadline armed; the caller awaits it and then calls
+        :meth:`_end_wait` (no coroutine of its own: one level less on every request)."""
         waiter = self._waiter = self._loop.create_future()
         self._timeout = (error, timeout)
-        deadlines = self._deadlines
-        deadlines.arm(self, self._loop.time() + timeout)
-        try:
-            await waiter
-        finally:
-            deadlines.disarm(self)
-            self._waiter = None
+        self._deadlines.arm(self, self._loop.time() + timeout)
+        return waiter
+
+    def _end_wait(self) -> None:
+        self._deadlines.disarm(self)
+        self._waiter = None
 
     def deadline_passed(self, now: float) -> None:
         """Called by the wheel: nothing arrived, or nothing was taken, in time."""
