@@ -297,7 +297,10 @@ class Proxy:
         is_head = request.method == "HEAD"
         head = line + rest
         for attempt_no in range(tries):
-            if attempt_no and (time.monotonic() >= deadline or not self._budget.take()):
+            # A request that never left costs a backend nothing to try again: only retries of
+            # requests that reached one spend the retry budget.
+            if attempt_no and (time.monotonic() >= deadline or (
+                    not (last_exc is not None and never_sent(last_exc)) and not self._budget.take())):
                 break
             backend = runtime.selector.pick(backends.ready, backends.version, tried)
             if backend is None:

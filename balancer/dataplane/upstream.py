@@ -142,7 +142,8 @@ class UpstreamConnection:
         self._resume_reading()
         self._expect_no_body = False
         self._upgrade_asked = False
-        self._head_bytes = 0             # bytes read before the head was complete
+        self._head_bytes = 0             # bytes of the head's fields so far
+        self._incomplete_bytes = 0       # bytes read while the head was incomplete
         self._dirty = False              # something unexpected was seen: never reuse
         self.is_reused = self.requests > 0
 
@@ -284,8 +285,8 @@ class UpstreamConnection:
             if self._head is None:
                 self._head_tail = (self._head_tail + data)[-3:]
                 # Still no complete head: bound what llhttp holds of it (one read past the limit).
-                self._head_bytes += len(data)
-                if head_pending and self._head_bytes > self._max_head:
+                self._incomplete_bytes += len(data)
+                if head_pending and self._incomplete_bytes > self._max_head:
                     self._fail(UpstreamProtocolError(f"response head over {self._max_head} bytes"))
                     self.abort("error")
 
@@ -351,6 +352,7 @@ class UpstreamConnection:
             self.trailers.append((name, value))   # after a chunked body: trailer fields
         else:
             self._pending_head.headers.append((name, value))
+            self._head_bytes += len(name) + len(value) + 4
 
     def on_headers_complete(self) -> None:
         parser = self._parser
@@ -358,6 +360,8 @@ class UpstreamConnection:
         status = parser.get_status_code()
         if status < 100 or status > 599:
             raise UpstreamProtocolError(f"status {status} from backend")
+        if self._head_bytes > self._max_head:     # a whole head that came in one read
+            raise UpstreamProtocolError(f"response head over {self._max_head} bytes")
         if status == 101 and not self._upgrade_asked:
             raise UpstreamProtocolError("101 Switching Protocols from backend, not asked for")
         if 100 <= status < 200 and status != 101:
