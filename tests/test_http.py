@@ -479,3 +479,41 @@ def test_failure_log_is_throttled(caplog: pytest.LogCaptureFixture) -> None:
         throttled.warning("no_backend", "503 %s", "x")
     lines = [r.getMessage() for r in caplog.records]
     assert lines == ["503 x", "502 y", "503 x (and 49 more like it in the last second)"]
+
+
+async def test_request_trailers_are_dropped_and_never_reach_another_request(balancer_factory: Factory,
+                                                                            raw_backend: Any) -> None:
+    """Trailer fields after a chunked request body are not forwarded, and never become header fields
+    of the next request on the connection (or of another client's)."""
+    backend = await raw_backend()
+    balancer = await balancer_factory(config(backend.port))
+    reply = await exchange(balancer.port,
+                           b"POST /a HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+                           b"3\r\nabc\r\n0\r\nX-Trailer: t\r\n\r\n"
+                           b"GET /b HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+    assert reply.count(b"HTTP/1.1 200") == 2
+    reply = await exchange(balancer.port, b"GET /c HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 200")
+    assert len(backend.received) == 3
+    assert not any(b"x-trailer" in r.lower() for r in backend.received), backend.received
+
+
+async def test_endless_request_trailers_are_bounded(balancer_factory: Factory, raw_backend: Any) -> None:
+    """A trailer section larger than limits.max_header_size is refused, not buffered: the client gets
+    an error status, and balancer serves the next client."""
+    backend = await raw_backend()
+    balancer = await balancer_factory(config(backend.port, top="limits: {max_header_size: 4096}"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", balancer.port)
+    try:
+        writer.write(b"POST /a HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n"
+                     b"X-Trailer: ")
+        for _ in range(20):
+            writer.write(b"t" * 1024)
+            await writer.drain()
+        async with asyncio.timeout(5):
+            reply = await reader.read(65536)
+    finally:
+        writer.close()
+    assert reply.startswith((b"HTTP/1.1 400", b"HTTP/1.1 431")), reply[:80]
+    reply = await exchange(balancer.port, b"GET /c HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 200")

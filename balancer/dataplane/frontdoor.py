@@ -379,7 +379,7 @@ class ClientConnection:
     connection is what ten thousand clients cost (``bench/idle_connections.py``).
     """
 
-    __slots__ = ("_body_left", "_current", "_drain_waiter", "_head_bytes", "_header_size", "_headers",
+    __slots__ = ("_body_fed", "_body_left", "_current", "_framing_bytes", "_drain_waiter", "_head_bytes", "_header_size", "_headers",
                  "_in_head", "_linger", "_no_more", "_parser", "_parsing", "_paused_for", "_queue",
                  "_read_paused", "_task", "_tunnel", "_upgrade_tail", "_url", "client_ip",
                  "client_ip_bytes", "deadline", "deadline_slot", "door", "limits", "loop", "requests",
@@ -417,6 +417,8 @@ class ClientConnection:
         self._upgrade_tail: bytes | None = None   # bytes after an Upgrade head, until we know
         self._body_left = 0                       # Content-Length body of an Upgrade request, ours to count
         self._linger = False                      # unread request bytes may follow: linger on close
+        self._body_fed = 0                        # request body bytes parsed, all requests
+        self._framing_bytes = 0                   # body-less bytes read since the last chunk began
 
     # --- state ---------------------------------------------------------------------------------------
 
@@ -472,6 +474,7 @@ class ClientConnection:
         self._feed(data)
 
     def _feed(self, data: bytes) -> None:
+        body_before = self._body_fed
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -499,6 +502,14 @@ class ClientConnection:
                              len(self._url) > self.limits.max_request_line else 400,
                              str(exc) or type(exc).__name__)
             return
+        if self._parsing is not None:
+            # Inside a body, the bytes that carry none of it (a chunk's header and extensions, the
+            # trailer section) are bounded like a header block: llhttp buffers a trailer line until
+            # it ends. Counted per chunk, so a long upload of small chunks is not refused.
+            self._framing_bytes += len(data) - (self._body_fed - body_before)
+            if self._framing_bytes > self.limits.max_header_size:
+                self._refuse(431, f"chunk framing or trailers over {self.limits.max_header_size} bytes")
+                return
         if self._in_head:
             # A head spread over reads: bound what llhttp buffers, and time it (slowloris).
             self._head_bytes += len(data)
@@ -561,6 +572,8 @@ class ClientConnection:
             raise _Refusal(414, f"request target over {self.limits.max_request_line} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            return                  # a chunked body's trailer fields: not forwarded (see README)
         self._headers.append((name, value))
         self._header_size += len(name) + len(value) + 4
         if self._header_size > self.limits.max_header_size:
@@ -635,7 +648,11 @@ class ClientConnection:
         if exchange.refused is not None:
             self._no_more = True            # nothing after a refused request is read
 
+    def on_chunk_header(self) -> None:
+        self._framing_bytes = 0
+
     def on_body(self, data: bytes) -> None:
+        self._body_fed += len(data)
         exchange = self._parsing
         if exchange is not None and exchange.body is not None:
             exchange.body.feed(data)
