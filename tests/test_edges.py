@@ -405,6 +405,41 @@ async def test_idle_tunnel_is_closed_both_ways(balancer_factory: Factory, backen
                            message="the backend side of the idle tunnel to be closed")
 
 
+async def test_tunnel_flood_towards_a_backend_that_does_not_read_is_held_back(
+        balancer_factory: Factory, backend: StartBackend, client: Any) -> None:
+    """A client flooding a tunnel whose backend reads nothing is held back by backpressure: balancer
+    stops reading the client once the backend's buffers are full, so the client cannot push more than
+    a few socket buffers' worth (it pushed 300 MB into balancer's memory before)."""
+    stop = asyncio.Event()
+
+    async def script(conn: Conn) -> None:
+        if await conn.read_head() is None:
+            return
+        conn.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: x\r\n\r\n")
+        await stop.wait()                   # and never read another byte
+
+    be = await backend(script)
+    balancer = await balancer_factory(config(be.port))
+    c = await client(balancer.port)
+    c.send(b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: x\r\n\r\n")
+    assert (await c.read_head()).startswith(b"HTTP/1.1 101 ")
+    chunk = b"x" * (1 << 20)
+    pushed = 0
+    try:
+        async with asyncio.timeout(3):
+            while pushed < 300 * len(chunk):
+                c.send(chunk)
+                await c.writer.drain()
+                pushed += len(chunk)
+    except TimeoutError:
+        pass
+    finally:
+        stop.set()
+    # Loopback socket buffers (client send, balancer receive and send, backend receive) autotune to a
+    # few MiB each; without backpressure the whole 300 MiB goes through in well under 3 s.
+    assert pushed < 64 * len(chunk), f"{pushed >> 20} MiB accepted by a tunnel whose backend reads nothing"
+
+
 # --- 8. a connection that sends nothing --------------------------------------------------------------
 
 async def test_silent_new_connection_closed_after_client_header(balancer_factory: Factory,
