@@ -50,7 +50,12 @@ class ClientGone(ClientError):
 
 
 class ClientBodyInvalid(ClientError):
-    """The request body broke its framing (a bad chunk, say): 400, and the connection closes."""
+    """The request body broke its framing (a bad chunk, say: 400) or a limit (431); the connection
+    closes."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class ClientBodyTimeout(ClientError):

@@ -43,6 +43,7 @@ def finish(conn: UpstreamConnection, keep_alive: bool = True) -> UpstreamConnect
     head.keep_alive = keep_alive
     conn._head = head
     conn._complete = True
+    conn.end_request()              # the request went out whole
     return conn
 
 
@@ -325,3 +326,38 @@ async def test_bounded_queue_refuses_at_once() -> None:
     pool.release(finish(held))
     pool.release(finish(await waiter))
     assert pool.in_use == 0 and pool.waiting == 0
+
+
+async def test_a_connection_closed_on_its_way_to_a_waiter_is_replaced() -> None:
+    """At max, a released connection handed to a waiting request but closed by the backend before that
+    request runs: the waiter gets a new connection, and the closed one holds no slot."""
+    clock = FakeClock()
+    pool, opened = make_pool(clock, max=1)
+    first = await pool.acquire()
+    waiting = asyncio.ensure_future(pool.acquire())
+    await asyncio.sleep(0)                      # queued for the slot
+    pool.release(finish(first))                 # handed over ...
+    first.close("backend_close")                # ... and closed before the waiter runs
+    second = await asyncio.wait_for(waiting, 1)
+    assert second is not first and not second.is_closed and len(opened) == 2
+    pool.release(finish(second))
+    assert pool.total == 1 and pool.in_use == 0
+
+
+async def test_a_slot_handed_over_as_the_wait_times_out_is_not_lost() -> None:
+    """A connection handed to a waiter in the same turn its acquire_timeout passes is taken, not lost
+    with the slot it holds."""
+    clock = FakeClock()
+    pool, _opened = make_pool(clock, max=1, acquire_timeout_s=0.05)
+    first = await pool.acquire()
+    waiting = asyncio.ensure_future(pool.acquire())
+    await asyncio.sleep(0.049)
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.001, lambda: pool.release(finish(first)))
+    try:
+        got = await asyncio.wait_for(waiting, 1)
+    except Exception:                           # the deadline won: then nothing may stay taken
+        assert pool.in_use == 0 and pool.total == 1
+    else:
+        pool.release(finish(got))
+        assert pool.in_use == 0 and pool.total == 1

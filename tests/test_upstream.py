@@ -14,9 +14,11 @@ from balancer.errors import UpstreamReadTimeout, UpstreamResponseTimeout
 
 
 def connection(expect_no_body: bool = False) -> UpstreamConnection:
+    """A connection with a request sent (to a transport that writes nowhere), awaiting its response."""
     conn = UpstreamConnection("127.0.0.1:9")
+    conn.transport = ReadingTransport()
     conn.mark_active()
-    conn._expect_no_body = expect_no_body
+    conn.begin(b"GET / HTTP/1.1\r\n\r\n", expect_no_body, [])
     return conn
 
 
@@ -124,7 +126,7 @@ async def test_connection_reused_after_head_and_large_bodies() -> None:
             (b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok", False, b"ok")):
         conn.mark_idle()
         conn.mark_active()
-        conn._expect_no_body = expect_no_body
+        conn.begin(b"GET / HTTP/1.1\r\n\r\n", expect_no_body, [])
         conn.data_received(response)
         await conn.read_head(1.0)
         assert conn.take_body() == body and conn.is_reusable
@@ -181,5 +183,6 @@ async def test_a_whole_body_over_the_high_water_mark_resumes_reading_when_taken(
     assert conn.take_body() == body and transport.reading
     conn.mark_idle()
     conn.mark_active()
+    conn.begin(b"GET / HTTP/1.1\r\n\r\n", False, [])
     conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
     assert (await conn.read_head(1.0)).status == 200 and conn.take_body() == b"ok" and transport.reading

@@ -232,7 +232,12 @@ class ConnectionPool:
             conn = await self._wait_for_slot()
             waited = self._clock() - started
             if conn is not None:
-                return self._lease(conn, waited)
+                if not conn.is_closed:
+                    return self._lease(conn, waited)
+                # Handed over, then closed by the backend before we ran: its slot is ours to open.
+                self._in_use.discard(conn)
+                self._close_one(conn, conn.close_reason or "backend_close")
+                self._opening += 1
             conn = await self._open(reserved=True)
             conn.queue_s = waited
             return conn
@@ -278,6 +283,8 @@ class ConnectionPool:
             async with asyncio.timeout(self.limits.acquire_timeout_s):
                 return await waiter
         except TimeoutError:
+            if waiter.done() and not waiter.cancelled():
+                return waiter.result()      # handed a connection or a slot as the deadline passed
             raise PoolTimeout(f"no connection to {self.host}:{self.port} within "
                               f"{self.limits.acquire_timeout_s:g}s ({self.total} open, max "
                               f"{self.limits.max})") from None

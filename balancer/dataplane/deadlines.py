@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import logging
 import weakref
 from typing import ClassVar, Protocol
+
+log = logging.getLogger(__name__)
 
 
 class Timed(Protocol):
@@ -82,14 +85,21 @@ class Deadlines:
         now = self._loop.time()
         now_slot = int(now / self.TICK_S)
         due = self._due
-        while due and due[0] <= now_slot:
-            for member in self._slots.pop(heapq.heappop(due), ()):
-                member.deadline_slot = 0
-                if member.deadline > now:
-                    self._add(member, int(member.deadline / self.TICK_S) + 1)
-                else:
-                    member.deadline_passed(now)
-        self._timer = self._loop.call_later(self.TICK_S, self._tick) if self._slots else None
+        self._timer = None
+        try:
+            while due and due[0] <= now_slot:
+                for member in self._slots.pop(heapq.heappop(due), ()):
+                    member.deadline_slot = 0
+                    if member.deadline > now:
+                        self._add(member, int(member.deadline / self.TICK_S) + 1)
+                        continue
+                    try:
+                        member.deadline_passed(now)
+                    except Exception:       # one member's bug must not stop every other deadline
+                        log.exception("deadline of %r failed", member)
+        finally:
+            if self._slots and self._timer is None:
+                self._timer = self._loop.call_later(self.TICK_S, self._tick)
 
     def __len__(self) -> int:
         return sum(len(s) for s in self._slots.values())

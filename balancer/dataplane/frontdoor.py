@@ -61,6 +61,10 @@ log = logging.getLogger(__name__)
 
 # A request body buffers at most this much before reading from the client pauses.
 BODY_HIGH_WATER = 256 * 1024
+# Requests parsed ahead of the one being served, at most (one read of tiny requests could be thousands).
+MAX_PIPELINED = 128
+# A closing connection's last bytes get this long to reach the client before it is aborted.
+FLUSH_S = 5.0
 # After a response sent before the request body was read, unread bytes are drained this long before
 # closing, so that the close does not reset the connection under the response (nginx lingering_close).
 LINGER_S = 2.0
@@ -379,11 +383,42 @@ class ClientConnection:
     connection is what ten thousand clients cost (``bench/idle_connections.py``).
     """
 
-    __slots__ = ("_body_fed", "_body_left", "_current", "_framing_bytes", "_drain_waiter", "_head_bytes", "_header_size", "_headers",
-                 "_in_head", "_linger", "_no_more", "_parser", "_parsing", "_paused_for", "_queue",
-                 "_read_paused", "_task", "_tunnel", "_upgrade_tail", "_url", "client_ip",
-                 "client_ip_bytes", "deadline", "deadline_slot", "door", "limits", "loop", "requests",
-                 "state", "timeouts", "transport", "wheel", "write_paused")
+    __slots__ = (
+        "_began",
+        "_body_fed",
+        "_body_left",
+        "_current",
+        "_drain_waiter",
+        "_framing_bytes",
+        "_head_bytes",
+        "_header_size",
+        "_headers",
+        "_in_head",
+        "_linger",
+        "_no_more",
+        "_parser",
+        "_parsing",
+        "_paused_for",
+        "_queue",
+        "_read_paused",
+        "_task",
+        "_tunnel",
+        "_upgrade_tail",
+        "_url",
+        "client_ip",
+        "client_ip_bytes",
+        "deadline",
+        "deadline_slot",
+        "door",
+        "limits",
+        "loop",
+        "requests",
+        "state",
+        "timeouts",
+        "transport",
+        "wheel",
+        "write_paused",
+    )
 
     def __init__(self, door: FrontDoor) -> None:
         self.door = door
@@ -418,7 +453,8 @@ class ClientConnection:
         self._body_left = 0                       # Content-Length body of an Upgrade request, ours to count
         self._linger = False                      # unread request bytes may follow: linger on close
         self._body_fed = 0                        # request body bytes parsed, all requests
-        self._framing_bytes = 0                   # body-less bytes read since the last chunk began
+        self._framing_bytes = 0                   # bytes of reads without body bytes, inside a body
+        self._began = False                       # a head began in the read being parsed
 
     # --- state ---------------------------------------------------------------------------------------
 
@@ -475,6 +511,7 @@ class ClientConnection:
 
     def _feed(self, data: bytes) -> None:
         body_before = self._body_fed
+        self._began = False
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -503,16 +540,23 @@ class ClientConnection:
                              str(exc) or type(exc).__name__)
             return
         if self._parsing is not None:
-            # Inside a body, the bytes that carry none of it (a chunk's header and extensions, the
+            # Inside a body, reads that carry none of it (a chunk's header and extensions, the
             # trailer section) are bounded like a header block: llhttp buffers a trailer line until
-            # it ends. Counted per chunk, so a long upload of small chunks is not refused.
-            self._framing_bytes += len(data) - (self._body_fed - body_before)
-            if self._framing_bytes > self.limits.max_header_size:
-                self._refuse(431, f"chunk framing or trailers over {self.limits.max_header_size} bytes")
-                return
+            # it ends. A read with body bytes starts the count again (bounded by one read).
+            if self._body_fed != body_before:
+                self._framing_bytes = 0
+            else:
+                self._framing_bytes += len(data)
+                if self._framing_bytes > self.limits.max_header_size:
+                    self._refuse(431, f"chunk framing or trailers over {self.limits.max_header_size} bytes")
+                    return
         if self._in_head:
-            # A head spread over reads: bound what llhttp buffers, and time it (slowloris).
-            self._head_bytes += len(data)
+            # A head spread over reads: bound what llhttp buffers, and time it (slowloris). In the
+            # read where it began, only its own bytes count (not the requests before it).
+            if self._began:
+                self._head_bytes = len(self._url) + self._header_size
+            else:
+                self._head_bytes += len(data)
             if self._head_bytes > self.limits.max_header_size + self.limits.max_request_line:
                 self._refuse(431, f"header block over {self.limits.max_header_size} bytes")
             elif self.state is State.WAITING:
@@ -537,8 +581,8 @@ class ClientConnection:
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(gone)
-        if self._task is not None:
-            self._task.cancel()
+        if self._task is not None and self._tunnel is None:
+            self._task.cancel()      # a tunnel's task ends as the tunnel closes: not an error
         self._parser = None          # the parser holds us: break the cycle now
         self.door.forget(self)
 
@@ -559,6 +603,7 @@ class ClientConnection:
 
     def on_message_begin(self) -> None:
         self._in_head = True
+        self._began = True
         self._head_bytes = 0
         self._url = b""
         self._headers = []
@@ -648,9 +693,6 @@ class ClientConnection:
         if exchange.refused is not None:
             self._no_more = True            # nothing after a refused request is read
 
-    def on_chunk_header(self) -> None:
-        self._framing_bytes = 0
-
     def on_body(self, data: bytes) -> None:
         self._body_fed += len(data)
         exchange = self._parsing
@@ -692,6 +734,8 @@ class ClientConnection:
             await self.door.handler(exchange)
             if not exchange.finished:
                 raise RuntimeError("request handler returned without finishing the response")
+            if self.write_paused and self._tunnel is None:
+                await self.drain()      # no next response before the client took this one
         except asyncio.CancelledError:
             exchange.finished = True        # the client went away, or the hard stop: nothing to send
         except (ConnectionError, ClientGone, ClientSendTimeout):
@@ -721,7 +765,7 @@ class ClientConnection:
         if self._no_more:
             self._close_after_response()
             return
-        self._resume(_PAUSE_PIPELINE)
+        self._resume(_PAUSE_PIPELINE | _PAUSE_BODY)   # an unread complete body paused reading too
         if self._current is None and self.state is State.BUSY:
             self._set_state(State.HEAD if self._in_head else State.WAITING)
             timeout = self.timeouts.client_header_s if self._in_head else self.timeouts.client_idle_s
@@ -730,6 +774,8 @@ class ClientConnection:
     def _enqueue(self, exchange: Exchange) -> None:
         if self._queue is None:
             self._queue = deque()
+        elif len(self._queue) >= MAX_PIPELINED and exchange.refused is None:
+            raise _Refusal(400, f"more than {MAX_PIPELINED} pipelined requests at once")
         self._queue.append(exchange)
         self._pause(_PAUSE_PIPELINE)
 
@@ -758,7 +804,15 @@ class ClientConnection:
             self.wheel.arm(self, self.loop.time() + LINGER_S)
             return
         self._set_state(State.CLOSED)
-        transport.close()
+        self.close()
+
+    def close(self) -> None:
+        """Close after what was written is flushed, for at most :data:`FLUSH_S`: a client that reads
+        nothing more does not keep its connection (and its place under max_connections)."""
+        self.state = State.CLOSED
+        if self.transport is not None:
+            self.transport.close()
+            self.wheel.arm(self, self.loop.time() + FLUSH_S)   # connection_lost disarms it
 
     def _refuse(self, status: int, why: str) -> None:
         """A request llhttp or our limits refused: answered in its turn, then the connection closes."""
@@ -771,7 +825,7 @@ class ClientConnection:
         log.log(level, "refused request from %s: %d %s", self.peer_ip(), status, why.splitlines()[0]
                 if why else "")
         if self._parsing is not None and self._parsing.body is not None:
-            self._parsing.body.fail(ClientBodyInvalid(why))
+            self._parsing.body.fail(ClientBodyInvalid(why, status))
             self._parsing = None
         if self._current is None and not self._queue:
             # Answered here: an unparsable request has no record.
@@ -789,23 +843,23 @@ class ClientConnection:
     def deadline_passed(self, now: float) -> None:
         state = self.state
         transport = self.transport
-        if transport is None or state is State.CLOSED:
+        if transport is None:
             return
-        if state is State.HEAD:
+        if state is State.CLOSED:
+            transport.abort()               # closed, and still not flushed after FLUSH_S
+        elif state is State.HEAD:
             log.info("request head from %s not received within %gs: 408", self.peer_ip(),
                      self.timeouts.client_header_s)
             self._no_more = True
             transport.write(plain_error(408, "request head not received in time"))
-            self.state = State.CLOSED
-            transport.close()
+            self.close()
         elif state is State.BUSY:
             waiter = self._drain_waiter
             if waiter is not None and not waiter.done():
                 waiter.set_exception(ClientSendTimeout(
                     f"client read nothing for {self.timeouts.client_send_s:g}s"))
         else:                               # WAITING (idle keep-alive, or never a byte), LINGERING
-            self.state = State.CLOSED
-            transport.close()
+            self.close()
 
     async def drain(self) -> None:
         """Wait until the client's socket buffer is below its low-water mark, up to ``client_send``."""
@@ -844,6 +898,8 @@ class ClientConnection:
         self._set_reading(True)
         if tail:
             tunnel.client_data(tail)
+        if self.write_paused:            # paused by the 101's own write: uvloop says so only once
+            tunnel.client_pause_writing()
         return tunnel
 
     # --- read pausing: several reasons, one switch ------------------------------------------------------
@@ -939,10 +995,8 @@ class FrontDoor:
         """Start draining: idle connections close now, busy ones after their response."""
         self.draining = True
         for conn in list(self.connections):
-            if not conn.is_busy and conn.state is not State.TUNNEL and conn.transport is not None:
-                conn.state = State.CLOSED
-                self.wheel.disarm(conn)
-                conn.transport.close()
+            if not conn.is_busy and conn.state is not State.TUNNEL:
+                conn.close()
 
     async def shutdown(self, timeout: float) -> int:
         """Drain for up to ``timeout`` seconds, then stop hard: every connection still open is

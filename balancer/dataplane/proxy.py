@@ -204,6 +204,8 @@ class Proxy:
                     tunnel, record)
             except (UpstreamError, BodyTooLarge, ClientBodyTimeout, ClientBodyInvalid) as exc:
                 status, kind = FAILURES.get(type(exc), (502, "error"))
+                if isinstance(exc, ClientBodyInvalid):
+                    status = exc.status
                 if isinstance(exc, UpstreamError):
                     self._failure_log.warning(kind, "%s %r -> %d (%s): %s", method, target[:200], status,
                                               kind, exc)
@@ -381,6 +383,7 @@ class Proxy:
                 await conn.write(chunk, timeout)
         if chunked:
             await conn.write(b"0\r\n\r\n", timeout)
+        conn.end_request()
         return sent
 
     def _send_complete(self, request: Exchange, lease: Lease, conn: UpstreamConnection,

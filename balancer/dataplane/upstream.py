@@ -117,6 +117,7 @@ class UpstreamConnection:
         self.deadline_slot = 0          # owned by the wheel
         self._timeout: tuple[type[Exception], float] = (UpstreamResponseTimeout, 0.0)
         self._parser = httptools.HttpResponseParser(self)
+        self._body_seen = 0              # body bytes parsed on this connection, all responses
         self._body: deque[bytes] = deque()
         self._read_paused = False       # reading paused: more than HIGH_WATER body bytes buffered
         self._reset_exchange()
@@ -145,6 +146,9 @@ class UpstreamConnection:
         self._head_bytes = 0             # bytes of the head's fields so far
         self._incomplete_bytes = 0       # bytes read while the head was incomplete
         self._dirty = False              # something unexpected was seen: never reuse
+        self._request_sent = False       # every byte of the request, body included, was written
+        self._trailer_bytes = 0          # trailer fields of this response
+        self._framing_bytes = 0          # bytes of reads that carried no body bytes, mid-body
         self.is_reused = self.requests > 0
 
     # --- state ---------------------------------------------------------------------------------------
@@ -188,7 +192,8 @@ class UpstreamConnection:
         """The response was read completely and both sides agreed on keep-alive."""
         head = self._head
         return (self.state is ConnState.ACTIVE and self._complete and self._exc is None
-                and head is not None and head.keep_alive and not head.upgrade and not self._dirty)
+                and head is not None and head.keep_alive and not head.upgrade and not self._dirty
+                and self._request_sent)
 
     def close(self, reason: str) -> None:
         """Close now (idempotent). The reason feeds the pool's per-reason statistics."""
@@ -220,6 +225,8 @@ class UpstreamConnection:
         self._dirty = True
         if self.state is ConnState.CLOSED:
             tunnel.backend_closed()
+        elif self._write_paused:         # paused by a write before the switch: said only once
+            tunnel.backend_pause_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._deadlines.disarm(self)
@@ -261,6 +268,7 @@ class UpstreamConnection:
             return
         self._got_bytes = True
         head_pending = self._head is None
+        body_before = self._body_seen
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -289,6 +297,16 @@ class UpstreamConnection:
                 if head_pending and self._incomplete_bytes > self._max_head:
                     self._fail(UpstreamProtocolError(f"response head over {self._max_head} bytes"))
                     self.abort("error")
+            elif not self._complete:
+                # Reads with no body bytes inside a chunked body (chunk extensions, the trailer
+                # section) are bounded like the head: llhttp buffers a trailer line until it ends.
+                if self._body_seen != body_before:
+                    self._framing_bytes = 0
+                else:
+                    self._framing_bytes += len(data)
+                    if self._framing_bytes > self._max_head:
+                        self._fail(UpstreamProtocolError(f"response trailers over {self._max_head} bytes"))
+                        self.abort("error")
 
     def _after_stopped_head(self, data: bytes) -> None:
         """We stopped llhttp at the end of a head (HEAD response, or a large body we pass through
@@ -350,6 +368,9 @@ class UpstreamConnection:
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._head is not None:
             self.trailers.append((name, value))   # after a chunked body: trailer fields
+            self._trailer_bytes += len(name) + len(value) + 4
+            if self._trailer_bytes > self._max_head:
+                raise UpstreamProtocolError(f"response trailers over {self._max_head} bytes")
         else:
             self._pending_head.headers.append((name, value))
             self._head_bytes += len(name) + len(value) + 4
@@ -414,6 +435,7 @@ class UpstreamConnection:
                 self.keepalive_deadline = self._clock() + seconds
 
     def on_body(self, body: bytes) -> None:
+        self._body_seen += len(body)
         self._body.append(body)
         self._body_size += len(body)
         if self._body_size > HIGH_WATER and not self._read_paused and self.transport is not None:
@@ -434,11 +456,13 @@ class UpstreamConnection:
         """Send a request head and the body pieces already received, in one vectored write.
 
         Raises :class:`UpstreamClosed` with ``sent=False`` when the connection is already closed:
-        then not one byte of the request left balancer.
+        then not one byte of the request left balancer. ``body`` None: a streamed body follows
+        (:meth:`write`, then :meth:`end_request`); until then the connection is not reusable.
         """
         self.requests += 1
         self._expect_no_body = expect_no_body
         self._upgrade_asked = upgrade
+        self._request_sent = body is not None
         if self.state is ConnState.CLOSED or self.transport is None or self.transport.is_closing():
             raise UpstreamClosed("backend closed the connection before the request",
                                  before_response=True, sent=False)
@@ -446,6 +470,10 @@ class UpstreamConnection:
             self.transport.writelines([head, *body])
         else:
             self.transport.write(head)
+
+    def end_request(self) -> None:
+        """The last byte of a streamed request body was written."""
+        self._request_sent = True
 
     async def write(self, data: bytes, timeout: float) -> None:
         """Send request body bytes, waiting while the backend's socket buffer is full: up to
