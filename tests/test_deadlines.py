@@ -53,3 +53,20 @@ async def test_a_later_deadline_is_found_again_not_fired_early() -> None:
             break
         await asyncio.sleep(0.01)
     assert member.fired == 1 and loop.time() - started >= 0.3
+
+
+async def test_disarmed_slots_hold_no_memory() -> None:
+    """Waits armed and disarmed in many slots leave no emptied sets behind (a set never shrinks: kept
+    for the whole idle horizon they grew RSS by 2 MB every 5 s under load), and each slot is on the
+    heap once however often it is re-created."""
+    loop = asyncio.get_running_loop()
+    wheel = Deadlines(loop)
+    now = loop.time()
+    members = [Member() for _ in range(300)]
+    for _ in range(3):
+        for i, member in enumerate(members):
+            wheel.arm(member, now + 60 + (i % 30) * Deadlines.TICK_S)
+        for member in members:
+            wheel.disarm(member)
+    assert wheel._slots == {}
+    assert len(wheel._due) == len(set(wheel._due)) == 30

@@ -165,7 +165,7 @@ async def test_long_waits_sit_in_their_own_slot_until_due() -> None:
         w.cancel()
     await asyncio.gather(*long_waits, return_exceptions=True)
     assert not any(wheel._slots.values())
-    assert len(wheel._due) == len(wheel._slots)     # one heap entry per slot, however many waits
+    assert len(wheel._due) == len(set(wheel._due))  # one heap entry per slot, however many waits
 
 
 async def test_a_whole_body_over_the_high_water_mark_resumes_reading_when_taken() -> None:

@@ -44,7 +44,8 @@ class Deadlines:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._slots: dict[int, set[Timed]] = {}
-        self._due: list[int] = []       # heap of the slot numbers in _slots
+        self._due: list[int] = []       # heap of slot numbers, each once (``_queued``)
+        self._queued: set[int] = set()
         self._timer: asyncio.TimerHandle | None = None
 
     def arm(self, member: Timed, when: float) -> None:
@@ -68,18 +69,24 @@ class Deadlines:
         waiting = self._slots.get(slot)
         if waiting is None:
             waiting = self._slots[slot] = set()
-            heapq.heappush(self._due, slot)
+            if slot not in self._queued:
+                self._queued.add(slot)
+                heapq.heappush(self._due, slot)
         waiting.add(member)
         member.deadline_slot = slot
         if self._timer is None:
             self._timer = self._loop.call_later(self.TICK_S, self._tick)
 
     def _remove(self, member: Timed, slot: int) -> None:
-        # An emptied slot stays until it is due: deleting it would let the next wait re-create it
-        # and push its number onto the heap again, once per request.
+        # An emptied slot's set is dropped at once (a set never shrinks: a slot that held a few
+        # hundred connections for a moment kept their table for the whole 75 s horizon, measured
+        # 2026-12-06 as RSS growing 2 MB every 5 s at 256 connections until it plateaued). Its
+        # number stays on the heap, once, until due: re-creating the slot pushes nothing.
         waiting = self._slots.get(slot)
         if waiting is not None:
             waiting.discard(member)
+            if not waiting:
+                del self._slots[slot]
 
     def _tick(self) -> None:
         now = self._loop.time()
@@ -88,7 +95,9 @@ class Deadlines:
         self._timer = None
         try:
             while due and due[0] <= now_slot:
-                for member in self._slots.pop(heapq.heappop(due), ()):
+                slot = heapq.heappop(due)
+                self._queued.discard(slot)
+                for member in self._slots.pop(slot, ()):
                     member.deadline_slot = 0
                     if member.deadline > now:
                         self._add(member, int(member.deadline / self.TICK_S) + 1)
