@@ -8,20 +8,16 @@ from typing import Any
 
 from balancer.dataplane.frontdoor import BODY_HIGH_WATER, ClientConnection, Exchange, FrontDoor
 from balancer.models import ClientTimeoutsConfig, LimitsConfig
+from tests.test_upstream import ReadingTransport
 
 
-class RecordingTransport(asyncio.Transport):
+class RecordingTransport(ReadingTransport):
+    """Records reading paused or not (ReadingTransport), and what is written and whether closed."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.reading = True
         self.written = b""
         self.closed = False
-
-    def pause_reading(self) -> None:
-        self.reading = False
-
-    def resume_reading(self) -> None:
-        self.reading = True
 
     def is_closing(self) -> bool:
         return self.closed
