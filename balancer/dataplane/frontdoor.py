@@ -725,8 +725,7 @@ class ClientConnection:
 
     def _dispatch(self, exchange: Exchange) -> None:
         self._current = exchange
-        self._set_state(State.BUSY)
-        self.wheel.disarm(self)
+        self._set_state(State.BUSY)             # the head/idle deadline lapses unheard (lazy)
         self._task = self.loop.create_task(self._serve(exchange))
 
     async def _serve(self, exchange: Exchange) -> None:
@@ -783,7 +782,6 @@ class ClientConnection:
         assert self._queue is not None
         exchange = self._queue.popleft()
         self._current = exchange
-        self.wheel.disarm(self)
         self._task = self.loop.create_task(self._serve(exchange))
         if not self._queue:
             self._resume(_PAUSE_PIPELINE)
@@ -832,7 +830,6 @@ class ClientConnection:
             self._current = exchange
             if self.state is not State.BUSY:
                 self._set_state(State.BUSY)
-            self.wheel.disarm(self)
             exchange.send_error(status, "refused", close=True)
             self._done(exchange)
         else:
@@ -870,8 +867,7 @@ class ClientConnection:
         try:
             await waiter
         finally:
-            self.wheel.disarm(self)
-            self._drain_waiter = None
+            self._drain_waiter = None           # the deadline lapses unheard (lazy)
 
     def writable(self) -> asyncio.Transport:
         transport = self.transport

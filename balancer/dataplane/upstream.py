@@ -489,8 +489,7 @@ class UpstreamConnection:
             try:
                 await waiter
             finally:
-                self._deadlines.disarm(self)
-                self._drain_waiter = None
+                self._drain_waiter = None       # the deadline lapses unheard (lazy)
 
     async def read_head(self, timeout: float) -> ResponseHead:
         """Wait up to ``timeout`` seconds for the final response head."""
@@ -547,8 +546,7 @@ class UpstreamConnection:
         return waiter
 
     def _end_wait(self) -> None:
-        self._deadlines.disarm(self)
-        self._waiter = None
+        self._waiter = None                 # the deadline lapses unheard (lazy): no wheel operation
 
     def deadline_passed(self, now: float) -> None:
         """Called by the wheel: nothing arrived, or nothing was taken, in time."""
