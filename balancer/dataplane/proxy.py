@@ -532,12 +532,12 @@ class RequestIds:
     __slots__ = ("_count", "_prefix")
 
     def __init__(self) -> None:
-        self._prefix = os.urandom(6).hex().encode()
+        self._prefix = os.urandom(6).hex().encode() + b"-"
         self._count = 0
 
     def next(self) -> bytes:
         self._count += 1
-        return b"%s-%08x" % (self._prefix, self._count)
+        return self._prefix + b"%08x" % self._count
 
 
 def _split_absolute(target: bytes) -> tuple[bytes, bytes] | None:

@@ -140,7 +140,8 @@ class UpstreamConnection:
         self._got_bytes = False
         self._exc: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
-        self._resume_reading()
+        if self._read_paused:
+            self._resume_reading()
         self._expect_no_body = False
         self._upgrade_asked = False
         self._head_bytes = 0             # bytes of the head's fields so far
