@@ -114,9 +114,6 @@ class Deadlines:
             if self._slots and self._timer is None:
                 self._timer = self._loop.call_later(self.TICK_S, self._tick)
 
-    def __len__(self) -> int:
-        return sum(len(s) for s in self._slots.values())
-
 
 _WHEELS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Deadlines] = weakref.WeakKeyDictionary()
 

@@ -464,13 +464,9 @@ class ClientConnection:
         self.state = new
 
     @property
-    def is_closed(self) -> bool:
-        return self.state is State.CLOSED
-
-    @property
     def is_busy(self) -> bool:
-        """A request is being served or waits in the pipeline."""
-        return self._current is not None or bool(self._queue)
+        """A request is being served or waits in the pipeline, or the connection is a tunnel."""
+        return self._current is not None or bool(self._queue) or self.state is State.TUNNEL
 
     def peer_ip(self) -> str:
         """The client's address, looked up once per connection (not per request)."""
@@ -982,16 +978,11 @@ class FrontDoor:
     def forget(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)
 
-    @property
-    def busy_connections(self) -> int:
-        """Client connections with a request being served or queued (pipelined)."""
-        return sum(1 for c in self.connections if c.is_busy)
-
     def close_idle(self) -> None:
         """Start draining: idle connections close now, busy ones after their response."""
         self.draining = True
         for conn in list(self.connections):
-            if not conn.is_busy and conn.state is not State.TUNNEL:
+            if not conn.is_busy:
                 conn.close()
 
     async def shutdown(self, timeout: float) -> int:
@@ -1001,12 +992,12 @@ class FrontDoor:
         self.close_idle()
         deadline = self.loop.time() + timeout
         while self.connections and self.loop.time() < deadline:
-            if not any(c.is_busy or c.state is State.TUNNEL for c in self.connections):
+            if not any(c.is_busy for c in self.connections):
                 break
             await asyncio.sleep(0.02)
         cut = 0
         for conn in list(self.connections):
-            if conn.is_busy or conn.state is State.TUNNEL:
+            if conn.is_busy:
                 cut += 1
             if conn.transport is not None:
                 conn.transport.abort()      # connection_lost follows: its request task is cancelled

@@ -55,7 +55,7 @@ from ..models import LimitsConfig
 from ..registry import Backend, BackendSet
 from ..selection import Selector
 from .connpool import ConnectionPool, UpstreamPools
-from .frontdoor import Exchange
+from .frontdoor import Exchange, RequestBody
 from .headers import RequestHead, TrustedProxies, request_fields, response_fields
 from .record import RequestRecord
 from .routing import Router
@@ -186,7 +186,7 @@ class Proxy:
                 body: list[bytes] = []
                 streamed_body = False
                 if request.body is not None:
-                    body, streamed_body = await self._small_body(request, record)
+                    body, streamed_body = await self._small_body(request, request.body, record)
                 if tunnel:
                     framing = b"Connection: Upgrade\r\nUpgrade: " + upgrade + b"\r\n"
                 elif streamed_body:
@@ -222,12 +222,10 @@ class Proxy:
             for observer in self.observers:
                 observer(record)
 
-    async def _small_body(self, request: Exchange, record: RequestRecord) -> tuple[list[bytes], bool]:
+    async def _small_body(self, request: Exchange, request_body: RequestBody, record: RequestRecord
+                          ) -> tuple[list[bytes], bool]:
         """A body small enough to keep for a replay is read whole, as received (a list of pieces);
         a larger or chunked one is streamed later (True)."""
-        request_body = request.body
-        if request_body is None:
-            return [], False
         length = request.content_length
         if length is None or length > REPLAY_BODY_LIMIT:
             return [], True

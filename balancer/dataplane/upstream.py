@@ -148,7 +148,6 @@ class UpstreamConnection:
         self._incomplete_bytes = 0       # bytes read while the head was incomplete
         self._dirty = False              # something unexpected was seen: never reuse
         self._request_sent = False       # every byte of the request, body included, was written
-        self._trailer_bytes = 0          # trailer fields of this response
         self._framing_bytes = 0          # bytes of reads that carried no body bytes, mid-body
         self.is_reused = self.requests > 0
 
@@ -368,10 +367,8 @@ class UpstreamConnection:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._head is not None:
-            self.trailers.append((name, value))   # after a chunked body: trailer fields
-            self._trailer_bytes += len(name) + len(value) + 4
-            if self._trailer_bytes > self._max_head:
-                raise UpstreamProtocolError(f"response trailers over {self._max_head} bytes")
+            # After a chunked body: trailer fields (bounded in data_received, with chunk framing).
+            self.trailers.append((name, value))
         else:
             self._pending_head.headers.append((name, value))
             self._head_bytes += len(name) + len(value) + 4
