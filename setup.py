@@ -24,14 +24,15 @@ COMPILED = [
     "balancer/dataplane/routing.py",
     "balancer/dataplane/tunnel.py",
     "balancer/dataplane/upstream.py",
-    # Per request too, outside the folder until the balancing and observation parts get their own.
-    "balancer/accesslog.py",
-    "balancer/metrics.py",
-    "balancer/passive.py",
-    "balancer/registry.py",
-    "balancer/selection.py",
-    "balancer/slowlog.py",
-    "balancer/stats.py",
+    # balancer/lb/: the parts of balancing policy each request consults or tells.
+    "balancer/lb/passive.py",
+    "balancer/lb/registry.py",
+    "balancer/lb/selection.py",
+    # balancer/observe/: told every finished request.
+    "balancer/observe/accesslog.py",
+    "balancer/observe/metrics.py",
+    "balancer/observe/slowlog.py",
+    "balancer/observe/stats.py",
 ]
 
 ext_modules = []

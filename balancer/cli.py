@@ -20,9 +20,9 @@ import sys
 from collections.abc import Sequence
 
 from . import ctl
-from .config import DEFAULT_CONFIG_PATH, dump_effective, load_config, parse_duration
+from .config.load import DEFAULT_CONFIG_PATH, dump_effective, load_config, parse_duration
+from .config.models import Config
 from .errors import ConfigError
-from .models import Config
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
@@ -135,7 +135,7 @@ def _run(config_path: str) -> int:
         return EXIT_CONFIG
     import uvloop
 
-    from .app import Balancer
+    from .control.balancer import Balancer
     try:
         uvloop.run(Balancer(config).run())
     except OSError as exc:
@@ -153,7 +153,7 @@ def _replica(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     import uvloop
 
-    from .workers import run_replica
+    from .control.replicas import run_replica
     uvloop.run(run_replica(config, args.fd, args.port, args.index))
     return EXIT_OK
 

@@ -14,7 +14,7 @@ import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
-from .models import Config
+from .config.models import Config
 
 DEFAULT_ADMIN_URL = "http://127.0.0.1:8081"
 TIMEOUT_S = 10.0

@@ -13,10 +13,10 @@ import io
 import time
 from collections.abc import Callable
 
-from balancer.accesslog import AccessLog, format_json, format_text
 from balancer.dataplane.record import RequestRecord
-from balancer.slowlog import SlowLog
-from balancer.stats import Traffic
+from balancer.observe.accesslog import AccessLog, format_json, format_text
+from balancer.observe.slowlog import SlowLog
+from balancer.observe.stats import Traffic
 
 N = 200_000
 

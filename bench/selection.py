@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from balancer.registry import Backend
-from balancer.selection import SELECTORS, RoundRobin
+from balancer.lb.registry import Backend
+from balancer.lb.selection import SELECTORS, RoundRobin
 
 SIZES = (4, 100, 1000)
 

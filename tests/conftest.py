@@ -82,9 +82,9 @@ async def raw_request(port: int, data: bytes, timeout: float = 5.0) -> bytes:
 @pytest.fixture
 async def balancer_factory() -> AsyncIterator[Callable[..., Awaitable[Any]]]:
     """Like make_balancer, but shuts every balancer down (workers included) after the test."""
-    from balancer.app import Balancer
-    from balancer.config import parse_config
-    from balancer.supervisor import RestartPolicy
+    from balancer.config.load import parse_config
+    from balancer.control.balancer import Balancer
+    from balancer.lb.supervisor import RestartPolicy
 
     started: list[Any] = []
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import aiohttp
 
-from balancer.accesslog import AccessLog, format_json, format_text
 from balancer.dataplane.record import RequestRecord
+from balancer.observe.accesslog import AccessLog, format_json, format_text
 from tests.conftest import async_wait_until, raw_request
 from tests.observe_helpers import config, get
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import aiohttp
 
-from balancer.supervisor import RestartPolicy
+from balancer.lb.supervisor import RestartPolicy
 from tests.conftest import ROOT, async_wait_until, free_port
 from tests.observe_helpers import AdminClient, backend_of, config, get
 

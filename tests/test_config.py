@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from balancer.config import (
+from balancer.config.load import (
     DEFAULT_CONFIG_PATH,
     AdminConfig,
     Config,

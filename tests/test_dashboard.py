@@ -22,7 +22,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from balancer.registry import AdminState
+from balancer.lb.registry import AdminState
 from tests.observe_helpers import config, get
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

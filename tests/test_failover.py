@@ -15,8 +15,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from balancer.registry import Backend
-from balancer.supervisor import RestartPolicy
+from balancer.lb.registry import Backend
+from balancer.lb.supervisor import RestartPolicy
 from tests.conftest import async_wait_until
 
 AiohttpServer = Callable[[web.Application], Awaitable[Any]]

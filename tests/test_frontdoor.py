@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from balancer.config.models import ClientTimeoutsConfig, LimitsConfig
 from balancer.dataplane.frontdoor import BODY_HIGH_WATER, ClientConnection, Exchange, FrontDoor
-from balancer.models import ClientTimeoutsConfig, LimitsConfig
 from tests.test_upstream import ReadingTransport
 
 

@@ -8,8 +8,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from balancer.health import HealthTracker, SlowStart, next_step_in, ramp_level
-from balancer.registry import Backend, Registry
+from balancer.lb.health import HealthTracker, SlowStart, next_step_in, ramp_level
+from balancer.lb.registry import Backend, Registry
 from tests.conftest import async_wait_until
 
 

@@ -11,7 +11,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from balancer.dataplane.record import RequestRecord
-from balancer.stats import DURATION_BUCKETS, Traffic, bucket_upper_s, latency_bucket, percentile
+from balancer.observe.stats import DURATION_BUCKETS, Traffic, bucket_upper_s, latency_bucket, percentile
 from tests.observe_helpers import AdminClient, config, get
 
 

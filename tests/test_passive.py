@@ -10,9 +10,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from balancer.models import PassiveConfig
-from balancer.passive import Ejection, PassiveHealth, PassiveTracker, Refusal
-from balancer.registry import Backend, Registry
+from balancer.config.models import PassiveConfig
+from balancer.lb.passive import Ejection, PassiveHealth, PassiveTracker, Refusal
+from balancer.lb.registry import Backend, Registry
 from tests.conftest import async_wait_until
 
 

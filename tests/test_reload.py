@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from balancer.config import parse_config
+from balancer.config.load import parse_config
 from balancer.errors import ConfigError
 from tests.conftest import async_wait_until, wait_until
 from tests.load import Load

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from itertools import pairwise
 
-from balancer.registry import AdminState, Backend, BackendSet, Registry
-from balancer.selection import LeastLoaded, PowerOfTwoChoices, RoundRobin, smooth_weighted_order
+from balancer.lb.registry import AdminState, Backend, BackendSet, Registry
+from balancer.lb.selection import LeastLoaded, PowerOfTwoChoices, RoundRobin, smooth_weighted_order
 
 
 def backends(*weights: int) -> list[Backend]:
@@ -133,7 +133,7 @@ async def test_wait_drained_reports_what_is_left() -> None:
     """wait_drained returns 0 once in-flight reaches zero, else the count left at the deadline."""
     import asyncio
 
-    from balancer.registry import wait_drained
+    from balancer.lb.registry import wait_drained
     (a,) = backends(1)
     a.in_flight = 2
     assert await wait_drained(a, 0.05, poll_s=0.01) == 2

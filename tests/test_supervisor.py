@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from balancer.supervisor import RestartPolicy, WorkerState, build_command, describe_exit
+from balancer.lb.supervisor import RestartPolicy, WorkerState, build_command, describe_exit
 from tests.conftest import async_wait_until, pid_alive, wait_until
 
 SPAWN_CONFIG = """

@@ -52,8 +52,8 @@ from typing import Any, cast
 
 import httptools
 
+from ..config.models import ClientTimeoutsConfig, LimitsConfig
 from ..errors import ClientBodyInvalid, ClientBodyTimeout, ClientGone, ClientSendTimeout
-from ..models import ClientTimeoutsConfig, LimitsConfig
 from .deadlines import Deadlines, deadlines
 from .tunnel import Tunnel
 

@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..config.models import LimitsConfig
 from ..errors import (
     BodyTooLarge,
     ClientBodyInvalid,
@@ -51,9 +52,8 @@ from ..errors import (
     UpstreamResponseTimeout,
     UpstreamSendTimeout,
 )
-from ..models import LimitsConfig
-from ..registry import Backend, BackendSet
-from ..selection import Selector
+from ..lb.registry import Backend, BackendSet
+from ..lb.selection import Selector
 from .connpool import ConnectionPool, UpstreamPools
 from .frontdoor import Exchange, RequestBody
 from .headers import RequestHead, TrustedProxies, request_fields, response_fields

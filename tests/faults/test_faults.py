@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from balancer.config import parse_config
+from balancer.config.load import parse_config
 from tests.conftest import async_wait_until
 from tests.faults.conftest import ROWS
 from tests.load import Load

@@ -5,13 +5,13 @@ the proxy's per-pool runtime). Pure functions, shared by start-up (:mod:`balance
 
 from __future__ import annotations
 
-from .dataplane.connpool import PoolLimits
-from .dataplane.proxy import PoolRuntime
-from .health import HealthPolicy
-from .models import LimitsConfig, PoolConfig
-from .registry import BackendSet
-from .selection import make_selector
-from .supervisor import WorkerSpec
+from ..config.models import LimitsConfig, PoolConfig
+from ..dataplane.connpool import PoolLimits
+from ..dataplane.proxy import PoolRuntime
+from ..lb.health import HealthPolicy
+from ..lb.registry import BackendSet
+from ..lb.selection import make_selector
+from ..lb.supervisor import WorkerSpec
 
 # Idle upstream connections to our own workers are closed this long before the worker's keep-alive
 # would close them, so the backend never closes one under us (the keep-alive race).

@@ -33,8 +33,8 @@ from typing import Any, TypeGuard
 
 import yaml
 
-from balancer.errors import ConfigError
-from balancer.models import (
+from ..errors import ConfigError
+from .models import (
     AdminConfig,
     ClientTimeoutsConfig,
     Config,
@@ -52,7 +52,7 @@ from balancer.models import (
     SpawnConfig,
     TimeoutsConfig,
 )
-from balancer.yamlread import NULL_TAG, Converter, Loader, Reader, Schema, T, join_path, show
+from .yamlread import NULL_TAG, Converter, Loader, Reader, Schema, T, join_path, show
 
 __all__ = [
     "BALANCE_POLICIES", "DEFAULT_CONFIG_PATH", "LOG_LEVELS", "AdminConfig", "Config", "ConnectionsConfig",

@@ -23,9 +23,9 @@ from prometheus_client.registry import Collector
 from .stats import CODE_CLASSES, CONNECT_BUCKETS, DURATION_BUCKETS, Cell, Traffic
 
 if TYPE_CHECKING:
-    from .dataplane.connpool import UpstreamPools
-    from .registry import Backend, Registry
-    from .supervisor import Supervisor
+    from ..dataplane.connpool import UpstreamPools
+    from ..lb.registry import Backend, Registry
+    from ..lb.supervisor import Supervisor
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 BACKEND_STATES = ("up", "down", "ejected", "draining", "disabled", "quarantined")

@@ -15,26 +15,26 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from . import compiled
-from .accesslog import AccessLog
+from .. import compiled
+from ..config.load import Config, PoolConfig, load_config
+from ..config.models import ClientTimeoutsConfig, LimitsConfig
+from ..dataplane.connpool import UpstreamPools
+from ..dataplane.frontdoor import FrontDoor
+from ..dataplane.headers import TrustedProxies
+from ..dataplane.listener import Listener
+from ..dataplane.proxy import PoolRuntime, Proxy
+from ..dataplane.record import RequestRecord
+from ..dataplane.routing import Route, Router
+from ..errors import ConfigError
+from ..lb.health import HealthChecker, SlowStart
+from ..lb.passive import PassiveHealth
+from ..lb.registry import Backend, Registry, wait_drained
+from ..lb.supervisor import RestartPolicy, Supervisor
+from ..observe.accesslog import AccessLog
 from .admin import Admin
-from .config import Config, PoolConfig, load_config
-from .dataplane.connpool import UpstreamPools
-from .dataplane.frontdoor import FrontDoor
-from .dataplane.headers import TrustedProxies
-from .dataplane.listener import Listener
-from .dataplane.proxy import PoolRuntime, Proxy
-from .dataplane.record import RequestRecord
-from .dataplane.routing import Route, Router
-from .errors import ConfigError
-from .health import HealthChecker, SlowStart
-from .models import ClientTimeoutsConfig, LimitsConfig
-from .passive import PassiveHealth
-from .registry import Backend, Registry, wait_drained
 from .reload import Reload
-from .supervisor import RestartPolicy, Supervisor
+from .replicas import ProxyProcesses
 from .wiring import health_policy, pool_limits, pool_runtime, worker_spec
-from .workers import ProxyProcesses
 
 log = logging.getLogger(__name__)
 

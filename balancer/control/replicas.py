@@ -41,13 +41,13 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from .dataplane.record import RequestRecord
-from .models import Config, HealthConfig, PoolMap
-from .registry import AdminState, Backend
-from .supervisor import RestartPolicy, _child_setup, describe_exit
+from ..config.models import Config, HealthConfig, PoolMap
+from ..dataplane.record import RequestRecord
+from ..lb.registry import AdminState, Backend
+from ..lb.supervisor import RestartPolicy, _child_setup, describe_exit
 
 if TYPE_CHECKING:
-    from .app import Balancer
+    from .balancer import Balancer
 
 log = logging.getLogger(__name__)
 
@@ -347,7 +347,7 @@ class ReplicaLink:
 
 async def run_replica(config: Config, fd: int, port: int, index: int) -> None:
     """The body of ``balancer _replica``: a proxy process fed by the main process."""
-    from .app import Balancer
+    from .balancer import Balancer
 
     balancer = Balancer(replica_config(config), listen_port=port, reuse_port=True)
     loop = asyncio.get_running_loop()
@@ -359,7 +359,7 @@ async def run_replica(config: Config, fd: int, port: int, index: int) -> None:
 
     def on_reload() -> None:
         async def reload() -> None:
-            from .config import load_config
+            from ..config.load import load_config
             try:
                 await balancer.reload(replica_config(load_config(config.source)))
             except Exception:

@@ -27,15 +27,15 @@ import logging
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from .dataplane.headers import TrustedProxies
-from .dataplane.routing import Route, Router
-from .models import Config, PoolConfig
-from .registry import Backend, wait_drained
-from .supervisor import Worker
+from ..config.models import Config, PoolConfig
+from ..dataplane.headers import TrustedProxies
+from ..dataplane.routing import Route, Router
+from ..lb.registry import Backend, wait_drained
+from ..lb.supervisor import Worker
 from .wiring import health_policy, pool_limits, pool_runtime, worker_spec
 
 if TYPE_CHECKING:
-    from .app import Balancer
+    from .balancer import Balancer
 
 log = logging.getLogger(__name__)
 

@@ -39,8 +39,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..config.models import PassiveConfig
 from .health import HealthChecker
-from .models import PassiveConfig
 from .registry import Backend, Registry
 
 log = logging.getLogger(__name__)

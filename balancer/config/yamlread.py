@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from balancer.errors import ConfigError
+from ..errors import ConfigError
 
 STR_TAG = "tag:yaml.org,2002:str"
 NULL_TAG = "tag:yaml.org,2002:null"

@@ -25,16 +25,16 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from .config import parse_duration
-from .errors import ConfigError
-from .metrics import CONTENT_TYPE, BalancerCollector, exposition, new_registry
-from .registry import AdminState, Backend, wait_drained
-from .slowlog import SlowLog
-from .stats import WINDOWS, Traffic
-from .supervisor import Worker, WorkerState
+from ..config.load import parse_duration
+from ..errors import ConfigError
+from ..lb.registry import AdminState, Backend, wait_drained
+from ..lb.supervisor import Worker, WorkerState
+from ..observe.metrics import CONTENT_TYPE, BalancerCollector, exposition, new_registry
+from ..observe.slowlog import SlowLog
+from ..observe.stats import WINDOWS, Traffic
 
 if TYPE_CHECKING:
-    from .app import Balancer
+    from .balancer import Balancer
 
 log = logging.getLogger(__name__)
 

@@ -36,8 +36,8 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .dataplane.record import RequestRecord
-from .registry import Backend
+from ..dataplane.record import RequestRecord
+from ..lb.registry import Backend
 
 # Prometheus histogram bounds (seconds); the last bucket is +Inf.
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)

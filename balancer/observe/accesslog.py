@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import IO
 
-from .dataplane.record import RequestRecord
+from ..dataplane.record import RequestRecord
 
 log = logging.getLogger(__name__)
 

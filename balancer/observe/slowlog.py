@@ -11,7 +11,7 @@ import time
 from collections import deque
 from typing import Any
 
-from .dataplane.record import RequestRecord
+from ..dataplane.record import RequestRecord
 
 MAX_TARGET = 1024     # characters of the request target shown
 
