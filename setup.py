@@ -14,7 +14,7 @@ from setuptools import setup
 # admin port. Changing the list changes what the compiled test pass covers (`make test`).
 COMPILED = [
     # balancer/dataplane/: everything that runs per request on the data port.
-    "balancer/dataplane/connpool.py",
+    "balancer/dataplane/connections.py",
     "balancer/dataplane/deadlines.py",
     "balancer/dataplane/frontdoor.py",
     "balancer/dataplane/headers.py",

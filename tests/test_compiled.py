@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 EXPECT_COMPILED = os.environ.get("BALANCER_EXPECT_COMPILED") == "1"
 
 
-def _compiled_list() -> list[str]:
+def compiled_list() -> list[str]:
     # setup.py's COMPILED, parsed rather than imported: importing setup.py would run setup().
     for node in ast.parse((ROOT / "setup.py").read_text()).body:
         if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "COMPILED"
@@ -33,7 +33,7 @@ def test_the_build_under_test_is_the_expected_one() -> None:
     assert balancer.compiled() is EXPECT_COMPILED
 
 
-@pytest.mark.parametrize("name", _compiled_list())
+@pytest.mark.parametrize("name", compiled_list())
 def test_each_request_path_module_is_compiled_or_not_as_expected(name: str) -> None:
     module = importlib.import_module(name)
     assert module.__file__ is not None

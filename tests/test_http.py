@@ -351,7 +351,7 @@ async def test_websocket_round_trip(balancer_factory: Factory) -> None:
                 assert (await ws.receive(timeout=5)).data == "hello"
                 await ws.send_bytes(b"\x00\x01" * 5000)
                 assert (await ws.receive(timeout=5)).data == b"\x00\x01" * 5000
-        pool = balancer.upstream.items()[0][1]
+        pool = balancer.connections.items()[0][1]
         await async_wait_until(lambda: pool.in_use == 0, timeout=5, message="tunnel released")
     finally:
         await runner.cleanup()
@@ -396,7 +396,7 @@ async def test_client_gone_while_waiting_frees_upstream_connection(balancer_fact
     _reader, writer = await asyncio.open_connection("127.0.0.1", balancer.port)
     writer.write(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
     await async_wait_until(lambda: silent.received, timeout=5, message="request at the backend")
-    pool = balancer.upstream.items()[0][1]
+    pool = balancer.connections.items()[0][1]
     assert pool.in_use == 1
     writer.close()
     await async_wait_until(lambda: pool.in_use == 0, timeout=5, message="upstream connection freed")

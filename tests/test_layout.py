@@ -1,4 +1,5 @@
-"""The package's shape: no private aiohttp names, and the data plane folder compiled whole."""
+"""The package's shape: folders on floors that import one way, no import cycles, no private names
+across modules (ours or aiohttp's), and the data plane folder compiled whole."""
 
 from __future__ import annotations
 
@@ -7,10 +8,20 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_compiled import _compiled_list
+from tests.test_compiled import compiled_list
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = sorted((ROOT / "balancer").rglob("*.py"))
+# Each part of balancer/ on its floor: a module imports from its own floor or a lower one, never a
+# higher one (the README's "Layout" draws it).
+FLOORS = {
+    "errors": 0, "config": 0,       # words and settings
+    "lb": 1,                        # balancing policy: backends, selection, health, spawned workers
+    "dataplane": 2,                 # the request path
+    "observe": 3,                   # what finished requests and the parts' state are told to
+    "control": 4,                   # assembles the parts: start-up, reload, admin, proxy replicas
+    "ctl": 5, "cli": 5, "__main__": 6, "__init__": 6,
+}
 # aiohttp modules and names that are its internals even without a leading underscore: the server
 # protocol the old front door forked.
 AIOHTTP_INTERNALS = {"web_protocol", "RequestHandler", "http_writer", "helpers", "streams"}
@@ -66,7 +77,115 @@ def test_the_data_plane_is_imported_without_aiohttp() -> None:
 
 def test_every_data_plane_module_is_compiled() -> None:
     """The compiled build compiles the whole balancer/dataplane/ folder (setup.py's COMPILED)."""
-    compiled = set(_compiled_list())
+    compiled = set(compiled_list())
     for path in (ROOT / "balancer" / "dataplane").glob("*.py"):
         if path.name != "__init__.py":
             assert f"balancer.dataplane.{path.stem}" in compiled, path
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def our_imports(module: str, source: str, is_package: bool = False) -> list[tuple[str, list[str]]]:
+    """(module, imported names) of every import of a ``balancer`` module in ``source``, relative ones
+    resolved, wherever it stands: at the top, in a function or under ``TYPE_CHECKING``."""
+    package = module.split(".") if is_package else module.split(".")[:-1]
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[:len(package) - node.level + 1]
+                target = ".".join([*base, node.module] if node.module else base)
+            else:
+                target = node.module or ""
+            if target.split(".")[0] == "balancer":
+                found.append((target, [alias.name for alias in node.names]))
+        elif isinstance(node, ast.Import):
+            found += [(alias.name, []) for alias in node.names if alias.name.split(".")[0] == "balancer"]
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the modules of ours it imports (``from . import x`` counts as importing ``x``)."""
+    modules = {module_name(path): path for path in SOURCES}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        edges = graph.setdefault(name, set())
+        for target, names in our_imports(name, path.read_text(), path.name == "__init__.py"):
+            submodules = [f"{target}.{n}" for n in names if f"{target}.{n}" in modules]
+            edges.update(submodules or [target])
+        edges.discard(name)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in graph.get(node, ()):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def floor_of(module: str) -> int:
+    parts = module.split(".")
+    return FLOORS[parts[1] if len(parts) > 1 else "__init__"]
+
+
+def test_the_checkers_see_cycles_and_private_names() -> None:
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+    assert our_imports("balancer.control.admin", "if TYPE_CHECKING:\n    from .balancer import _x") == \
+        [("balancer.control.balancer", ["_x"])]
+    assert our_imports("balancer.lb", "from .. import errors", is_package=True) == [("balancer", ["errors"])]
+    assert floor_of("balancer.dataplane.proxy") > floor_of("balancer.lb.registry")
+
+
+def test_no_import_cycles() -> None:
+    """Counting imports in functions and under TYPE_CHECKING: a cycle hidden from the interpreter is
+    still two parts that cannot be understood one without the other."""
+    graph = import_graph()
+    assert len(graph) == len(SOURCES)
+    assert cycles(graph) == []
+
+
+def test_imports_go_down_the_floors() -> None:
+    graph = import_graph()
+    upward = [f"{module} -> {target}" for module, targets in graph.items() for target in targets
+              if floor_of(target) > floor_of(module)]
+    assert upward == []
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_private_names_across_modules(path: Path) -> None:
+    """A leading underscore means "this module's own": no other module imports it."""
+    imports = our_imports(module_name(path), path.read_text(), path.name == "__init__.py")
+    assert [(module, name) for module, names in imports for name in names if name.startswith("_")] == []

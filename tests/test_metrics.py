@@ -67,12 +67,12 @@ routes:
     assert slow_buckets["0.025"] == 0 and slow_buckets["0.1"] == 4
     # One new connection per backend, each timed once.
     assert total(found, "balancer_upstream_connect_duration_seconds_count") == 2
-    assert total(found, "balancer_pool_connections_created_total") == 2
-    assert total(found, "balancer_pool_connections_reused_total") == 35
+    assert total(found, "balancer_backend_connections_created_total") == 2
+    assert total(found, "balancer_backend_connections_reused_total") == 35
     # Gauges read at scrape time.
     assert total(found, "balancer_backend_up") == 2
     assert total(found, "balancer_backend_in_flight") == 0
-    assert total(found, "balancer_pool_connections", state="idle") == 2
+    assert total(found, "balancer_backend_connections", state="idle") == 2
     assert total(found, "balancer_backend_state", state="up") == 2
     assert total(found, "balancer_retries_total") == 0
     assert total(found, "balancer_sent_bytes_total") >= 300

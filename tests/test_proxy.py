@@ -47,8 +47,8 @@ async def test_upstream_connections_are_reused(backend_ports: Any, balancer_fact
         for _ in range(50):
             async with session.get(f"http://127.0.0.1:{balancer.port}/") as resp:
                 await resp.read()
-    created = sum(p.stats.created for _, p in balancer.upstream.items())
-    reused = sum(p.stats.reused for _, p in balancer.upstream.items())
+    created = sum(p.stats.created for _, p in balancer.connections.items())
+    reused = sum(p.stats.reused for _, p in balancer.connections.items())
     assert created == 2
     assert reused == 48
 
@@ -158,7 +158,7 @@ async def test_client_disconnect_mid_response_frees_connection(backend_ports: An
     writer.write(b"GET /bytes/50000000 HTTP/1.1\r\nHost: x\r\n\r\n")
     await reader.readexactly(100000)
     writer.close()
-    pool = next(p for _, p in balancer.upstream.items())
+    pool = next(p for _, p in balancer.connections.items())
     await async_wait_until(lambda: pool.in_use == 0, timeout=10, message="in_use back to 0")
     assert pool.idle == 0       # the half-read connection was closed, not pooled
     async with aiohttp.ClientSession() as session:

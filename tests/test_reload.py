@@ -43,7 +43,7 @@ async def test_servers_added_reweighted_and_removed_under_load(backend_ports: An
     assert load.failures == {}
     assert load.backends["b1"] == before           # the removed server got nothing more
     assert balancer.registry.find(f"web/127.0.0.1:{a}") is None
-    assert balancer.upstream.get(f"web/127.0.0.1:{a}") is None
+    assert balancer.connections.get(f"web/127.0.0.1:{a}") is None
 
 
 async def test_routes_timeouts_and_new_pool_apply(backend_ports: Any, balancer_factory: Any) -> None:

@@ -18,7 +18,7 @@ async def test_shutdown_lets_in_flight_finish_with_connection_close(backend_port
     reader, writer = await asyncio.open_connection("127.0.0.1", data_port)
     writer.write(b"GET /slow?ms=400 HTTP/1.1\r\nHost: h\r\n\r\n")
     await writer.drain()
-    pool = balancer.upstream.items()[0][1]
+    pool = balancer.connections.items()[0][1]
     await async_wait_until(lambda: pool.in_use, timeout=5, message="request in flight")
     shutdown = asyncio.create_task(balancer.shutdown())
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)

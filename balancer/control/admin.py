@@ -68,7 +68,7 @@ class Admin:
         for backend in balancer.registry.backends():
             self.traffic.states.note(backend.id, self.state_of(backend))
         self.metrics = new_registry(BalancerCollector(
-            self.traffic, balancer.registry, balancer.upstream, balancer.supervisor,
+            self.traffic, balancer.registry, balancer.connections, balancer.supervisor,
             state_of=self.state_of, started_at=balancer.started_at,
             config_sha256=balancer.config.text_hash, extra=self._extra_metrics))
         self._dashboard: bytes | None = None
@@ -172,7 +172,7 @@ class Admin:
     async def backend_stats(self, request: web.Request) -> web.Response:
         backend = self._find(request)
         data = self.backend_snapshot(backend)
-        pool = self.balancer.upstream.get(backend.id)
+        pool = self.balancer.connections.get(backend.id)
         data["connections"] = pool.connections() if pool is not None else []
         return web.json_response(data)
 
@@ -256,7 +256,7 @@ class Admin:
         report: dict[str, Any] = {"drained": backend.in_flight == 0, "waited_s": round(waited, 3),
                                   "in_flight": backend.in_flight}
         if backend.in_flight:
-            pool = self.balancer.upstream.get(backend.id)
+            pool = self.balancer.connections.get(backend.id)
             report["busy_connections"] = [c for c in (pool.connections() if pool else [])
                                           if c.get("state") != "idle"]
             log.warning("drain of %s: %d requests still in flight after %.1fs", backend.id,
@@ -279,10 +279,10 @@ class Admin:
         self.traffic.reset()
         self.slowlog.reset()
         self._pool_baselines = {backend_id: pool.snapshot() for backend_id, pool in
-                                self.balancer.upstream.items()}
+                                self.balancer.connections.items()}
 
     def backend_snapshot(self, backend: Backend) -> dict[str, Any]:
-        pool = self.balancer.upstream.get(backend.id)
+        pool = self.balancer.connections.get(backend.id)
         state = self.state_of(backend)
         since = self.traffic.states.note(backend.id, state)
         traffic = self.traffic

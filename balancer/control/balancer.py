@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from .. import compiled
 from ..config.load import Config, PoolConfig, load_config
 from ..config.models import ClientTimeoutsConfig, LimitsConfig
-from ..dataplane.connpool import UpstreamPools
+from ..dataplane.connections import ConnectionTable
 from ..dataplane.frontdoor import FrontDoor
 from ..dataplane.headers import TrustedProxies
 from ..dataplane.listener import Listener
@@ -57,7 +57,7 @@ class Balancer:
         cfg = self.config
         self.started_at = time.time()
         self.registry = Registry()
-        self.upstream = UpstreamPools()
+        self.connections = ConnectionTable()
         self.health = HealthChecker(self.registry)
         # Passive health (live-traffic ejection) and slow start: see balancer/passive.py, health.py.
         self.passive = PassiveHealth(self.registry, self.health)
@@ -72,7 +72,7 @@ class Balancer:
         self.registry.alive_listeners.append(self.passive.on_alive_changed)
         router = Router([Route(name=r.name, pool=r.pool, path_prefix=r.path_prefix.encode(),
                                host=r.host.encode() if r.host else None) for r in cfg.routes])
-        self.proxy = Proxy(router, runtimes, self.upstream,
+        self.proxy = Proxy(router, runtimes, self.connections,
                            TrustedProxies(cfg.trusted_proxies), cfg.limits)
         self.proxy.outcome_listeners.append(self.passive.on_outcome)
         self.admin = Admin(self) if cfg.admin is not None else None
@@ -102,7 +102,7 @@ class Balancer:
                                     port=server.port, weight=server.weight))
         for backend in backend_set:
             self.attach_backend(backend, p)
-        backend_set.subscribe(lambda b, ready: self.upstream.on_readiness(b.id, ready))
+        backend_set.subscribe(lambda b, ready: self.connections.on_readiness(b.id, ready))
         self.passive.add_pool(p.name, p.passive)
         self.slow_start.add_pool(backend_set, p.slow_start_s)
         return pool_runtime(p, backend_set)
@@ -110,14 +110,14 @@ class Balancer:
     def attach_backend(self, backend: Backend, p: PoolConfig | None = None) -> None:
         """Give a backend its connection pool and (if configured) its health checks."""
         p = p or self.config.pools[backend.pool]
-        self.upstream.add(backend.id, backend.host, backend.port, pool_limits(p, self.config.limits))
+        self.connections.add(backend.id, backend.host, backend.port, pool_limits(p, self.config.limits))
         policy = health_policy(p)
         if policy is not None:
             self.health.add(backend, policy, start_healthy=not backend.spawned)
 
     async def detach_backend(self, backend: Backend) -> None:
         """Undo attach_backend: close its connections, stop its checks."""
-        self.upstream.remove(backend.id)
+        self.connections.remove(backend.id)
         await self.health.remove(backend.id)
 
     @property
@@ -200,7 +200,7 @@ class Balancer:
         """Start workers, checks and pools; open the listeners once backends can serve."""
         cfg = self.config
         await self.health.start()
-        self.upstream.start()
+        self.connections.start()
         await self.supervisor.start(wait=True)
         await self._wait_ready(max((p.spawn.start_timeout_s for p in cfg.pools.values() if p.spawn),
                                    default=0.0))
@@ -263,7 +263,7 @@ class Balancer:
         await self.health.aclose()
         await self.passive.aclose()
         await self.slow_start.aclose()
-        await self.upstream.aclose()
+        await self.connections.aclose()
         # 4. The workers: SIGTERM, then SIGKILL after the deadline.
         await self.supervisor.aclose(cfg.shutdown.worker_stop_timeout_s)
         log.info("balancer stopped")

@@ -152,7 +152,7 @@ class Reload:
         limits, policy = pool_limits(new, self.new.limits), health_policy(new)
         if limits != pool_limits(old, self.old.limits) or policy != health_policy(old):
             for backend in backend_set:
-                pool = b.upstream.get(backend.id)
+                pool = b.connections.get(backend.id)
                 if pool is not None:
                     pool.limits = limits
                 if policy is not None and b.health.is_checked(backend):

@@ -311,7 +311,7 @@ class ReplicaLink:
                 backend_set.add(backend)
                 b.attach_backend(backend)
             if (backend.host, backend.port) != (state["host"], state["port"]):
-                b.upstream.remove(backend.id)
+                b.connections.remove(backend.id)
                 backend.host, backend.port = state["host"], state["port"]
                 b.attach_backend(backend)
 
@@ -324,7 +324,7 @@ class ReplicaLink:
         for backend in list(b.registry.backends()):
             if backend.id not in seen:
                 b.registry.pool(backend.pool).remove(backend.id)
-                b.upstream.remove(backend.id)
+                b.connections.remove(backend.id)
 
     async def _report(self) -> None:
         while True:

@@ -6,7 +6,7 @@ the proxy's per-pool runtime). Pure functions, shared by start-up (:mod:`balance
 from __future__ import annotations
 
 from ..config.models import LimitsConfig, PoolConfig
-from ..dataplane.connpool import PoolLimits
+from ..dataplane.connections import ConnectionLimits
 from ..dataplane.proxy import PoolRuntime
 from ..lb.health import HealthPolicy
 from ..lb.registry import BackendSet
@@ -19,7 +19,7 @@ KEEPALIVE_MARGIN_S = 2.0
 EXTERNAL_IDLE_TIMEOUT_S = 15.0
 
 
-def pool_limits(pool: PoolConfig, limits: LimitsConfig) -> PoolLimits:
+def pool_limits(pool: PoolConfig, limits: LimitsConfig) -> ConnectionLimits:
     c = pool.connections
     idle_timeout = c.idle_timeout_s
     if idle_timeout is None:
@@ -28,7 +28,7 @@ def pool_limits(pool: PoolConfig, limits: LimitsConfig) -> PoolLimits:
             idle_timeout = max(keepalive - KEEPALIVE_MARGIN_S, keepalive / 2)
         else:
             idle_timeout = EXTERNAL_IDLE_TIMEOUT_S
-    return PoolLimits(max=c.max, max_idle=c.max_idle, min_idle=c.min_idle, idle_timeout_s=idle_timeout,
+    return ConnectionLimits(max=c.max, max_idle=c.max_idle, min_idle=c.min_idle, idle_timeout_s=idle_timeout,
                       max_requests=c.max_requests, max_lifetime_s=c.max_lifetime_s,
                       acquire_timeout_s=c.acquire_timeout_s, connect_timeout_s=pool.timeouts.connect_s,
                       max_waiting=c.max_waiting, max_response_header=limits.max_response_header)

@@ -18,7 +18,7 @@ the client, a failed attempt may be tried again, never twice for a request that 
   else on a different backend, up to ``retries`` times, after an empty reply or a response timeout.
 
 A request that must not be sent twice takes an idle upstream connection only if it was used within
-:data:`SAFE_REUSE_S` (see :mod:`.connpool`): that is what keeps it out of the keep-alive race.
+:data:`SAFE_REUSE_S` (see :mod:`.connections`): that is what keeps it out of the keep-alive race.
 
 Each attempt holds a :class:`Lease`: the backend's in-flight count and the pooled connection are
 taken when it starts and given back exactly once, whatever way the request ends.
@@ -54,7 +54,7 @@ from ..errors import (
 )
 from ..lb.registry import Backend, BackendSet
 from ..lb.selection import Selector
-from .connpool import ConnectionPool, UpstreamPools
+from .connections import BackendConnections, ConnectionTable
 from .frontdoor import Exchange, RequestBody
 from .headers import RequestHead, TrustedProxies, request_fields, response_fields
 from .record import RequestRecord
@@ -112,12 +112,12 @@ class Lease:
     attempt starts and given back exactly once by :meth:`finish`, with the attempt's outcome for
     passive health (``None``: no verdict on the backend)."""
 
-    __slots__ = ("_outcome", "backend", "conn", "done", "pool")
+    __slots__ = ("_outcome", "backend", "conn", "connections", "done")
 
-    def __init__(self, backend: Backend, pool: ConnectionPool,
+    def __init__(self, backend: Backend, connections: BackendConnections,
                  outcome: Callable[[Backend, bool], None]) -> None:
         self.backend = backend
-        self.pool = pool
+        self.connections = connections
         self.conn: UpstreamConnection | None = None
         self.done = False
         self._outcome = outcome
@@ -128,7 +128,7 @@ class Lease:
         conn = self.conn
         if conn is not None:
             self.conn = None
-            self.pool.release(conn)
+            self.connections.release(conn)
 
     def finish(self, ok: bool | None) -> None:
         if self.done:
@@ -144,13 +144,13 @@ class Proxy:
     """The data-port handler. One instance per process; all state is in the registry and pools."""
 
     def __init__(self, router: Router, pools: dict[str, PoolRuntime],
-                 upstream: UpstreamPools, trusted: TrustedProxies,
+                 connections: ConnectionTable, trusted: TrustedProxies,
                  limits: LimitsConfig | None = None) -> None:
         self.limits = limits or LimitsConfig()
         self.router = router
         self.pools = pools
-        self.upstream = upstream
-        self._pool_by_id = upstream.by_id
+        self.connections = connections
+        self._connections_by_id = connections.by_id
         self.trusted = trusted
         # Passive health: told (backend, ok) after every attempt that reached a verdict.
         self.outcome_listeners: list[Callable[[Backend, bool], None]] = []
@@ -312,13 +312,13 @@ class Proxy:
             if needs_host:
                 # HTTP/1.0 without Host: the backend gets one (we speak HTTP/1.1 to it).
                 head = line + b"Host: " + backend.address.encode() + b"\r\n" + rest
-            lease = Lease(backend, self._pool_by_id[backend.id], self._outcome)
-            pool = lease.pool
+            lease = Lease(backend, self._connections_by_id[backend.id], self._outcome)
+            conns = lease.connections
             replayed = False
             try:
                 while True:             # at most twice: the replay after a dead reused connection
                     record.attempts += 1
-                    conn = pool.acquire_idle(fresh_within) or await pool.acquire(fresh_within)
+                    conn = conns.acquire_idle(fresh_within) or await conns.acquire(fresh_within)
                     lease.conn = conn
                     record.queue_s += conn.queue_s
                     record.connect_s += conn.connect_s
@@ -336,11 +336,11 @@ class Proxy:
                         if (exc.before_response and conn.is_reused and not replayed
                                 and (not exc.sent or (retry_ok and not streamed_body))):
                             replayed = True
-                            pool.stats.replayed += 1
-                            log.debug("replaying on a fresh connection to %s: %s", pool.host, exc)
+                            conns.count_replay()
+                            log.debug("replaying on a fresh connection to %s: %s", conns.host, exc)
                             lease.drop_connection()
                             # Idle connections older than this one are as likely to be dead.
-                            pool.close_idle("stale")
+                            conns.close_idle("stale")
                             continue
                         raise
                     break

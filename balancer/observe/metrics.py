@@ -23,7 +23,7 @@ from prometheus_client.registry import Collector
 from .stats import CODE_CLASSES, CONNECT_BUCKETS, DURATION_BUCKETS, Cell, Traffic
 
 if TYPE_CHECKING:
-    from ..dataplane.connpool import UpstreamPools
+    from ..dataplane.connections import ConnectionTable
     from ..lb.registry import Backend, Registry
     from ..lb.supervisor import Supervisor
 
@@ -35,12 +35,12 @@ CONNECTION_STATES = ("in_use", "idle", "opening")
 class BalancerCollector(Collector):
     """Reads everything at ``collect()`` time; holds no metric state of its own."""
 
-    def __init__(self, traffic: Traffic, registry: Registry, upstream: UpstreamPools,
+    def __init__(self, traffic: Traffic, registry: Registry, connections: ConnectionTable,
                  supervisor: Supervisor, state_of: Callable[[Backend], str], started_at: float,
                  config_sha256: str, extra: Callable[[], Iterator[Metric]] | None = None) -> None:
         self.traffic = traffic
         self.registry = registry
-        self.upstream = upstream
+        self.connections = connections
         self.supervisor = supervisor
         self.state_of = state_of            # backend -> one of BACKEND_STATES
         self.started_at = started_at
@@ -136,18 +136,18 @@ class BalancerCollector(Collector):
         yield from (up, state, in_flight, weight, effective, ejections, failed)
 
     def _connections(self) -> Iterator[Metric]:
-        conns = GaugeMetricFamily("balancer_pool_connections", "Upstream connections by state",
+        conns = GaugeMetricFamily("balancer_backend_connections", "Upstream connections by state",
                                   labels=["pool", "backend", "state"])
-        waiting = GaugeMetricFamily("balancer_pool_waiting", "Requests waiting for a connection slot",
-                                    labels=["pool", "backend"])
-        created = CounterMetricFamily("balancer_pool_connections_created", "Upstream connections opened",
+        waiting = GaugeMetricFamily("balancer_backend_connection_waiters",
+                                    "Requests waiting for a connection slot", labels=["pool", "backend"])
+        created = CounterMetricFamily("balancer_backend_connections_created", "Upstream connections opened",
                                       labels=["pool", "backend"])
-        reused = CounterMetricFamily("balancer_pool_connections_reused",
+        reused = CounterMetricFamily("balancer_backend_connections_reused",
                                      "Requests sent on a kept-alive connection", labels=["pool", "backend"])
-        closed = CounterMetricFamily("balancer_pool_connections_closed", "Upstream connections closed",
+        closed = CounterMetricFamily("balancer_backend_connections_closed", "Upstream connections closed",
                                      labels=["pool", "backend", "reason"])
         pools = {b.id: b.pool for b in self.registry.backends()}
-        for backend_id, pool in self.upstream.items():
+        for backend_id, pool in self.connections.items():
             name = pools.get(backend_id, backend_id.partition("/")[0])
             labels = [name, backend_id]
             snap = pool.snapshot()

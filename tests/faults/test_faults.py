@@ -178,7 +178,7 @@ async def test_backend_closing_idle_connections_every_second(balancer_factory: A
                     await asyncio.sleep(rng.uniform(0.97, 1.03))   # the race under test
 
         await asyncio.gather(*(client() for _ in range(4)))
-        stats = balancer.upstream.items()[0][1].stats
+        stats = balancer.connections.items()[0][1].stats
         latencies.sort()
         ROWS.append({"fault": "backend closes idle keep-alive every 1 s", "requests": len(latencies),
                      "failures": failures, "p99_ms": 1000 * latencies[int(len(latencies) * 0.99) - 1],

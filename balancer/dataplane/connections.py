@@ -47,7 +47,7 @@ CLOSE_REASONS = ("idle_timeout", "stale", "max_requests", "lifetime", "error", "
 
 
 @dataclass(frozen=True, slots=True)
-class PoolLimits:
+class ConnectionLimits:
     """Per-backend limits; ``None``/0 where the docstring says unlimited."""
 
     max: int = 0                          # connections in use + idle; 0 = unlimited
@@ -62,7 +62,7 @@ class PoolLimits:
     max_response_header: int = 65536      # a response head over this is a protocol error (502)
 
 
-class PoolStats:
+class ConnectionStats:
     """Counters for one backend's pool (fed to /stats and /metrics)."""
 
     __slots__ = ("acquires", "closed", "created", "replayed", "reused", "wait_max_s", "wait_total_s",
@@ -108,10 +108,10 @@ async def open_connection(host: str, port: int, timeout: float,
     return conn
 
 
-class ConnectionPool:
+class BackendConnections:
     """The keep-alive connections to one backend. See the module docstring."""
 
-    def __init__(self, host: str, port: int, limits: PoolLimits, *,
+    def __init__(self, host: str, port: int, limits: ConnectionLimits, *,
                  connect: Callable[..., Any] = open_connection,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.host = host
@@ -126,7 +126,7 @@ class ConnectionPool:
         self._closed = False
         # False while the backend is out of rotation: released connections are closed, not pooled.
         self.accepting = True
-        self.stats = PoolStats()
+        self.stats = ConnectionStats()
 
     # --- synchronous decisions -----------------------------------------------------------------------
 
@@ -366,6 +366,10 @@ class ConnectionPool:
             self._in_use.discard(conn)
             self._release_idle(conn)
 
+    def count_replay(self) -> None:
+        """The proxy sent a request again on a fresh connection after a reused one was found closed."""
+        self.stats.replayed += 1
+
     def close_idle(self, reason: str = "pool_closed") -> int:
         """Close every idle connection (backend left rotation). Returns how many."""
         idle, self._idle = self._idle, []
@@ -421,13 +425,13 @@ class ConnectionPool:
         return [c.info(now) for c in [*self._in_use, *self._idle]]
 
     def __repr__(self) -> str:
-        return (f"<ConnectionPool {self.host}:{self.port} in_use={self.in_use} idle={self.idle} "
+        return (f"<BackendConnections {self.host}:{self.port} in_use={self.in_use} idle={self.idle} "
                 f"opening={self._opening} waiting={self.waiting} max={self.limits.max or 'unlimited'} "
                 f"created={self.stats.created} reused={self.stats.reused}>")
 
 
-class UpstreamPools:
-    """Every backend's :class:`ConnectionPool`, plus the reaper task that expires idle connections.
+class ConnectionTable:
+    """Every backend's :class:`BackendConnections`, plus the reaper task that expires idle connections.
 
     Keyed by backend id. The owner (the app) calls :meth:`start` and :meth:`aclose`.
     """
@@ -435,27 +439,27 @@ class UpstreamPools:
     def __init__(self, *, reap_interval_s: float = 1.0,
                  connect: Callable[..., Any] = open_connection,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self._pools: dict[str, ConnectionPool] = {}
+        self._pools: dict[str, BackendConnections] = {}
         self._reap_interval_s = reap_interval_s
         self._connect = connect
         self._clock = clock
         self._reaper: asyncio.Task[None] | None = None
         self._top_ups: set[asyncio.Task[None]] = set()
 
-    def add(self, backend_id: str, host: str, port: int, limits: PoolLimits) -> ConnectionPool:
-        pool = ConnectionPool(host, port, limits, connect=self._connect, clock=self._clock)
+    def add(self, backend_id: str, host: str, port: int, limits: ConnectionLimits) -> BackendConnections:
+        pool = BackendConnections(host, port, limits, connect=self._connect, clock=self._clock)
         self._pools[backend_id] = pool
         return pool
 
-    def get(self, backend_id: str) -> ConnectionPool | None:
+    def get(self, backend_id: str) -> BackendConnections | None:
         return self._pools.get(backend_id)
 
     @property
-    def by_id(self) -> dict[str, ConnectionPool]:
+    def by_id(self) -> dict[str, BackendConnections]:
         """The live mapping (read-only by convention), for the proxy's per-request lookup."""
         return self._pools
 
-    def items(self) -> list[tuple[str, ConnectionPool]]:
+    def items(self) -> list[tuple[str, BackendConnections]]:
         return list(self._pools.items())
 
     def remove(self, backend_id: str) -> None:
@@ -477,7 +481,7 @@ class UpstreamPools:
         elif pool.missing_idle():
             self._spawn_top_up(pool)
 
-    def _spawn_top_up(self, pool: ConnectionPool) -> None:
+    def _spawn_top_up(self, pool: BackendConnections) -> None:
         task = asyncio.get_running_loop().create_task(pool.top_up())
         self._top_ups.add(task)
         task.add_done_callback(self._top_ups.discard)
@@ -503,4 +507,4 @@ class UpstreamPools:
             pool.close()
 
     def __repr__(self) -> str:
-        return f"<UpstreamPools {len(self._pools)} backends>"
+        return f"<ConnectionTable {len(self._pools)} backends>"

@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from balancer.dataplane.connpool import ConnectionPool, PoolLimits
+from balancer.dataplane.connections import BackendConnections, ConnectionLimits
 from balancer.dataplane.upstream import ConnState, ResponseHead, UpstreamConnection
 from balancer.errors import PoolTimeout, UpstreamConnectError
 from tests.conftest import async_wait_until
@@ -25,7 +25,7 @@ class FakeClock:
         return self.now
 
 
-def make_pool(clock: FakeClock, **limits: Any) -> tuple[ConnectionPool, list[UpstreamConnection]]:
+def make_pool(clock: FakeClock, **limits: Any) -> tuple[BackendConnections, list[UpstreamConnection]]:
     opened: list[UpstreamConnection] = []
 
     async def connect(host: str, port: int, timeout: float, max_head: int = 65536) -> UpstreamConnection:
@@ -33,7 +33,7 @@ def make_pool(clock: FakeClock, **limits: Any) -> tuple[ConnectionPool, list[Ups
         opened.append(conn)
         return conn
 
-    return ConnectionPool("127.0.0.1", 9, PoolLimits(**limits), connect=connect, clock=clock), opened
+    return BackendConnections("127.0.0.1", 9, ConnectionLimits(**limits), connect=connect, clock=clock), opened
 
 
 def finish(conn: UpstreamConnection, keep_alive: bool = True) -> UpstreamConnection:
@@ -207,7 +207,7 @@ async def test_connect_failure_frees_the_slot() -> None:
     async def refuse(host: str, port: int, timeout: float, max_head: int = 65536) -> UpstreamConnection:
         raise UpstreamConnectError("refused")
 
-    pool = ConnectionPool("127.0.0.1", 9, PoolLimits(max=1), connect=refuse)
+    pool = BackendConnections("127.0.0.1", 9, ConnectionLimits(max=1), connect=refuse)
     with pytest.raises(UpstreamConnectError):
         await pool.acquire()
     assert pool.total == 0
@@ -254,7 +254,7 @@ pools:
                     await resp.read()
                 await asyncio.sleep(rng.uniform(0.97, 1.03))  # the race under test, not a sync wait
         assert statuses == [200] * 8
-        stats = balancer.upstream.items()[0][1].stats
+        stats = balancer.connections.items()[0][1].stats
         print(dict(stats.closed), stats.replayed, stats.created, stats.reused)
         assert stats.closed["stale"] + stats.closed["backend_close"] + stats.replayed >= 1
     finally:
@@ -282,7 +282,7 @@ pools:
         assert statuses == [200] * 200
         assert all(1 <= len(peers) <= 8 for _, _, peers in backends), \
             [len(p) for _, _, p in backends]
-        assert all(p.in_use == 0 for _, p in balancer.upstream.items())
+        assert all(p.in_use == 0 for _, p in balancer.connections.items())
     finally:
         for runner, _, _ in backends:
             await runner.cleanup()
@@ -301,7 +301,7 @@ pools:
 """)
         async with aiohttp.ClientSession() as session:
             slow = asyncio.create_task(session.get(f"http://127.0.0.1:{balancer.port}/?hold=2"))
-            pool = balancer.upstream.items()[0][1]
+            pool = balancer.connections.items()[0][1]
             await async_wait_until(lambda: pool.in_use, timeout=5, message="request in flight")
             started = time.monotonic()
             async with session.get(f"http://127.0.0.1:{balancer.port}/") as resp:
