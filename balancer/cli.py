@@ -153,8 +153,9 @@ def _replica(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     import uvloop
 
+    from .control.balancer import Balancer
     from .control.replicas import run_replica
-    uvloop.run(run_replica(config, args.fd, args.port, args.index))
+    uvloop.run(run_replica(Balancer, config, args.fd, args.port, args.index))
     return EXIT_OK
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import balancer
+from balancer.dataplane import compiled
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPECT_COMPILED = os.environ.get("BALANCER_EXPECT_COMPILED") == "1"
@@ -30,7 +31,7 @@ def compiled_list() -> list[str]:
 
 
 def test_the_build_under_test_is_the_expected_one() -> None:
-    assert balancer.compiled() is EXPECT_COMPILED
+    assert compiled() is EXPECT_COMPILED
 
 
 @pytest.mark.parametrize("name", compiled_list())

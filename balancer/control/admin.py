@@ -20,21 +20,22 @@ import importlib.resources
 import logging
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from ..config.load import parse_duration
+from ..config.models import Config
+from ..dataplane.connections import ConnectionTable
+from ..dataplane.proxy import Proxy
 from ..errors import ConfigError
-from ..lb.registry import AdminState, Backend, wait_drained
-from ..lb.supervisor import Worker, WorkerState
+from ..lb.registry import AdminState, Backend, Registry, wait_drained
+from ..lb.supervisor import Supervisor, Worker, WorkerState
+from ..observe.accesslog import AccessLog
 from ..observe.metrics import CONTENT_TYPE, BalancerCollector, exposition, new_registry
 from ..observe.slowlog import SlowLog
 from ..observe.stats import WINDOWS, Traffic
-
-if TYPE_CHECKING:
-    from .balancer import Balancer
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +46,37 @@ OPEN_PATHS = frozenset({"/healthz", "/"})
 DASHBOARD = "static/dashboard.html"       # package data
 
 
+class Operated(Protocol):
+    """What the admin API reads of the balancer it runs in, and what it may ask of it. Backend
+    switches go through the registry's methods; nothing here assigns another part's attributes."""
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def started_at(self) -> float: ...
+    @property
+    def registry(self) -> Registry: ...
+    @property
+    def connections(self) -> ConnectionTable: ...
+    @property
+    def supervisor(self) -> Supervisor: ...
+    @property
+    def proxy(self) -> Proxy: ...
+    @property
+    def access_log(self) -> AccessLog | None: ...
+    @property
+    def stop_event(self) -> asyncio.Event: ...
+
+    async def reload_file(self, path: str | None = None) -> list[str]: ...
+    async def restart_workers(self) -> list[str]: ...
+    def rollouts_running(self) -> bool: ...
+    async def wait_rollouts(self, timeout: float) -> bool: ...
+
+
 class Admin:
     """The admin listener, and the observers it feeds from. The app calls ``start`` and ``aclose``."""
 
-    def __init__(self, balancer: Balancer) -> None:
+    def __init__(self, balancer: Operated) -> None:
         self.balancer = balancer
         cfg = balancer.config.admin
         assert cfg is not None
@@ -60,9 +88,9 @@ class Admin:
         self._workers: dict[str, Worker] = {w.id: w for w in balancer.supervisor.workers}
         self.traffic = Traffic()
         self.slowlog = SlowLog(cfg.slowlog_threshold_s, cfg.slowlog_size)
-        balancer.proxy.observers.append(self.traffic.observe)
-        balancer.proxy.observers.append(self.slowlog.observe)
-        balancer.proxy.outcome_listeners.append(self.traffic.on_outcome)
+        balancer.proxy.add_observer(self.traffic.observe)
+        balancer.proxy.add_observer(self.slowlog.observe)
+        balancer.proxy.add_outcome_listener(self.traffic.on_outcome)
         for backend_set in balancer.registry.pools.values():
             backend_set.subscribe(self._on_readiness)
         for backend in balancer.registry.backends():
@@ -213,7 +241,7 @@ class Admin:
     async def _wait_rollouts(self, request: web.Request) -> bool:
         wait = request.query.get("wait")
         if not wait:
-            return not self.balancer._rollouts
+            return not self.balancer.rollouts_running()
         try:
             seconds = parse_duration(wait)
         except ConfigError as exc:
@@ -364,7 +392,7 @@ class Admin:
         slow = CounterMetricFamily("balancer_slow_requests", "Requests slower than the slow-log threshold")
         slow.add_metric([], self.slowlog.total)
         yield slow
-        access_log = getattr(self.balancer, "access_log", None)
+        access_log = self.balancer.access_log
         if access_log is not None:
             yield CounterMetricFamily("balancer_access_log_lines", "Access log lines written",
                                       value=access_log.written)

@@ -15,16 +15,15 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from .. import compiled
 from ..config.load import Config, PoolConfig, load_config
 from ..config.models import ClientTimeoutsConfig, LimitsConfig
+from ..dataplane import compiled
 from ..dataplane.connections import ConnectionTable
 from ..dataplane.frontdoor import FrontDoor
 from ..dataplane.headers import TrustedProxies
 from ..dataplane.listener import Listener
 from ..dataplane.proxy import PoolRuntime, Proxy
 from ..dataplane.record import RequestRecord
-from ..dataplane.routing import Route, Router
 from ..errors import ConfigError
 from ..lb.health import HealthChecker, SlowStart
 from ..lb.passive import PassiveHealth
@@ -34,7 +33,7 @@ from ..observe.accesslog import AccessLog
 from .admin import Admin
 from .reload import Reload
 from .replicas import ProxyProcesses
-from .wiring import health_policy, pool_limits, pool_runtime, worker_spec
+from .wiring import connection_limits, health_policy, pool_runtime, router_for, worker_spec
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +51,9 @@ class Balancer:
     echo_worker_stderr: bool = True
     listen_port: int | None = None        # overrides listen.port (proxy replicas bind the main's port)
     reuse_port: bool = False              # SO_REUSEPORT on the data port (workers > 1)
+    # In a proxy replica: fills new pools with the main process's backends during a reload, before
+    # the new routes are switched on.
+    before_routes_swap: Callable[[], None] | None = None
 
     def __post_init__(self) -> None:
         cfg = self.config
@@ -70,23 +72,19 @@ class Balancer:
             runtimes[p.name] = self.setup_pool(p)
         self.registry.alive_listeners.append(self.health.on_alive_changed)
         self.registry.alive_listeners.append(self.passive.on_alive_changed)
-        router = Router([Route(name=r.name, pool=r.pool, path_prefix=r.path_prefix.encode(),
-                               host=r.host.encode() if r.host else None) for r in cfg.routes])
-        self.proxy = Proxy(router, runtimes, self.connections,
+        self.proxy = Proxy(router_for(cfg), runtimes, self.connections,
                            TrustedProxies(cfg.trusted_proxies), cfg.limits)
-        self.proxy.outcome_listeners.append(self.passive.on_outcome)
+        self.proxy.add_outcome_listener(self.passive.on_outcome)
         self.admin = Admin(self) if cfg.admin is not None else None
         # Off by default, and then not an observer at all: zero cost per request.
         self.access_log = (AccessLog(cfg.log.access_log_format, cfg.log.access_log_path)
                            if cfg.log.access_log else None)
         if self.access_log is not None:
-            self.proxy.observers.append(self.access_log.observe)
+            self.proxy.add_observer(self.access_log.observe)
         self._web_server: FrontDoor | None = None
         self._shut_down = False
         self._reload_lock = asyncio.Lock()
         self.processes: ProxyProcesses | None = None      # replicas, with workers > 1
-        # Set in a replica: fills new pools with the main process's backends during a reload.
-        self.before_routes_swap: Callable[[], None] | None = None
         self._rollouts: set[asyncio.Task[None]] = set()
         self._listener: Listener | None = None
         self.stop_event = asyncio.Event()
@@ -110,7 +108,7 @@ class Balancer:
     def attach_backend(self, backend: Backend, p: PoolConfig | None = None) -> None:
         """Give a backend its connection pool and (if configured) its health checks."""
         p = p or self.config.pools[backend.pool]
-        self.connections.add(backend.id, backend.host, backend.port, pool_limits(p, self.config.limits))
+        self.connections.add(backend.id, backend.host, backend.port, connection_limits(p, self.config.limits))
         policy = health_policy(p)
         if policy is not None:
             self.health.add(backend, policy, start_healthy=not backend.spawned)
@@ -131,7 +129,8 @@ class Balancer:
     async def reload(self, config: Config) -> list[str]:
         """Apply an already validated configuration in place (see :mod:`balancer.reload`)."""
         async with self._reload_lock:
-            changes = await Reload(self, config).apply()
+            old, self.config = self.config, config     # attach_backend() reads pool settings from here
+            changes = await Reload(self, old, config).apply()
         if self.processes is not None:
             self.processes.tell_reload()
         return changes
@@ -176,6 +175,9 @@ class Balancer:
         task = asyncio.get_running_loop().create_task(run(), name=name)
         self._rollouts.add(task)
         task.add_done_callback(self._rollouts.discard)
+
+    def rollouts_running(self) -> bool:
+        return bool(self._rollouts)
 
     async def wait_rollouts(self, timeout: float) -> bool:
         """Wait until background rollouts are done (tests, `balancer reload --wait`)."""
@@ -231,19 +233,22 @@ class Balancer:
             if not backend_set.ready:
                 log.warning("pool %s has no ready backend yet; its requests get 503 until one is", name)
 
-    async def shutdown(self) -> None:
-        """The shutdown sequence; every wait has a deadline. Idempotent."""
+    async def shutdown(self, drain_timeout: float | None = None) -> None:
+        """The shutdown sequence; every wait has a deadline (``drain_timeout``: the configured
+        ``shutdown.drain_timeout`` unless given). Idempotent."""
         if self._shut_down:
             return
         self._shut_down = True
         cfg = self.config
+        if drain_timeout is None:
+            drain_timeout = cfg.shutdown.drain_timeout_s
         # 0. Stop reload rollouts (worker replacements, drains) where they are.
         for task in list(self._rollouts):
             task.cancel()
         await asyncio.gather(*self._rollouts, return_exceptions=True)
         # 1. Other proxy processes drain and exit (concurrently with our own drain below);
         #    stop accepting new client connections.
-        replicas = (asyncio.ensure_future(self.processes.aclose(cfg.shutdown.drain_timeout_s))
+        replicas = (asyncio.ensure_future(self.processes.aclose(drain_timeout))
                     if self.processes is not None else None)
         if self._listener is not None:
             self._listener.close()
@@ -251,8 +256,8 @@ class Balancer:
         #    `Connection: close` (we give idle clients a moment to send it), then idle connections
         #    are closed and whatever is still running after the deadline is cancelled.
         if self._web_server is not None:
-            self.proxy.draining = True
-            await self._drain(self._web_server, cfg.shutdown.drain_timeout_s)
+            self.proxy.start_draining()
+            await self._drain(self._web_server, drain_timeout)
         if replicas is not None:
             await replicas
         # 3. The admin listener, health probes and upstream connections.

@@ -24,25 +24,48 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from ..config.models import Config, PoolConfig
+from ..config.models import ClientTimeoutsConfig, Config, LimitsConfig, PoolConfig
+from ..dataplane.connections import ConnectionTable
 from ..dataplane.headers import TrustedProxies
-from ..dataplane.routing import Route, Router
-from ..lb.registry import Backend, wait_drained
-from ..lb.supervisor import Worker
-from .wiring import health_policy, pool_limits, pool_runtime, worker_spec
-
-if TYPE_CHECKING:
-    from .balancer import Balancer
+from ..dataplane.proxy import PoolRuntime, Proxy
+from ..lb.health import HealthChecker
+from ..lb.passive import PassiveHealth
+from ..lb.registry import Backend, Registry, wait_drained
+from ..lb.supervisor import Supervisor, Worker
+from .wiring import connection_limits, health_policy, pool_runtime, router_for, worker_spec
 
 log = logging.getLogger(__name__)
 
 
-def router_for(config: Config) -> Router:
-    return Router([Route(name=r.name, pool=r.pool, path_prefix=r.path_prefix.encode(),
-                         host=r.host.encode() if r.host else None) for r in config.routes])
+class Reloadable(Protocol):
+    """What a reload reads of the running balancer and what it may ask of it. Each part it changes
+    is changed through that part's own methods."""
+
+    @property
+    def registry(self) -> Registry: ...
+    @property
+    def supervisor(self) -> Supervisor: ...
+    @property
+    def proxy(self) -> Proxy: ...
+    @property
+    def health(self) -> HealthChecker: ...
+    @property
+    def passive(self) -> PassiveHealth: ...
+    @property
+    def connections(self) -> ConnectionTable: ...
+    @property
+    def before_routes_swap(self) -> Callable[[], None] | None: ...
+
+    def setup_pool(self, p: PoolConfig) -> PoolRuntime: ...
+    def attach_backend(self, backend: Backend, p: PoolConfig | None = None) -> None: ...
+    async def detach_backend(self, backend: Backend) -> None: ...
+    def start_rollout(self, work: Awaitable[object], name: str) -> None: ...
+    async def move_listener(self, host: str, port: int) -> None: ...
+    def apply_client_settings(self, limits: LimitsConfig, timeouts: ClientTimeoutsConfig) -> None: ...
 
 
 def _spawn_identity(p: PoolConfig) -> object:
@@ -51,11 +74,12 @@ def _spawn_identity(p: PoolConfig) -> object:
 
 
 class Reload:
-    """One reload: compare ``old`` and ``new`` and apply the difference to ``balancer``."""
+    """One reload: compare ``old`` and ``new`` and apply the difference to ``balancer``, which
+    runs on ``new`` already (its pool settings are read from there)."""
 
-    def __init__(self, balancer: Balancer, new: Config) -> None:
+    def __init__(self, balancer: Reloadable, old: Config, new: Config) -> None:
         self.b = balancer
-        self.old = balancer.config
+        self.old = old
         self.new = new
         self.changes: list[str] = []
         self._retired: list[Backend] = []
@@ -64,7 +88,6 @@ class Reload:
         b, old, new = self.b, self.old, self.new
         if new.workers != old.workers:
             self.changes.append(f"workers {old.workers} -> {new.workers}: needs a restart, not applied")
-        b.config = new          # attach_backend() reads pool settings from here
         for name, p in new.pools.items():
             if name not in old.pools:
                 self._add_pool(p)
@@ -73,9 +96,7 @@ class Reload:
         # 3. Routing and client-side settings; requests in flight keep what they hold.
         if b.before_routes_swap is not None:
             b.before_routes_swap()
-        b.proxy.router = router_for(new)
-        b.proxy.trusted = TrustedProxies(new.trusted_proxies)
-        b.proxy.limits = new.limits
+        b.proxy.apply(router_for(new), TrustedProxies(new.trusted_proxies), new.limits)
         b.apply_client_settings(new.limits, new.timeouts)
         if new.routes != old.routes:
             self.changes.append("routes replaced")
@@ -95,24 +116,22 @@ class Reload:
     def _add_pool(self, p: PoolConfig) -> None:
         b = self.b
         if p.spawn is not None:
-            b.supervisor.specs[p.name] = spec = worker_spec(p)
-            for _ in range(spec.count):
-                b.supervisor.add_worker(spec)
-        b.proxy.pools[p.name] = b.setup_pool(p)
+            b.supervisor.add_pool(worker_spec(p))
+        b.proxy.set_pool(b.setup_pool(p))
         self.changes.append(f"pool {p.name} added")
 
     async def _remove_pool(self, name: str) -> None:
         """Drain every backend of a pool that left the configuration, then forget the pool."""
         b = self.b
-        b.proxy.pools.pop(name, None)          # unreachable already: the new router has no route to it
+        b.proxy.remove_pool(name)              # unreachable already: the new router has no route to it
         workers = list(b.supervisor.pool_workers(name))
         servers = [x for x in b.registry.pool(name) if not x.spawned]
 
         async def remove() -> None:
             await asyncio.gather(*(self._retire_worker(w) for w in workers),
                                  *(self._drain_then_detach(x) for x in servers))
-            b.registry.pools.pop(name, None)
-            b.supervisor.specs.pop(name, None)
+            b.registry.remove_pool(name)
+            b.supervisor.forget_pool(name)
 
         b.start_rollout(remove(), f"remove pool {name}")
         self.changes.append(f"pool {name} removed (draining)")
@@ -120,8 +139,8 @@ class Reload:
     async def _retire_worker(self, worker: Worker) -> None:
         b = self.b
         b.registry.drain(worker.backend)
-        await wait_drained(worker.backend, b.config.shutdown.drain_timeout_s)
-        await b.supervisor.retire(worker, b.config.shutdown.worker_stop_timeout_s)
+        await wait_drained(worker.backend, self.new.shutdown.drain_timeout_s)
+        await b.supervisor.retire(worker, self.new.shutdown.worker_stop_timeout_s)
 
     async def _update_pool(self, old: PoolConfig, new: PoolConfig) -> None:
         b = self.b
@@ -149,12 +168,12 @@ class Reload:
                 self._retired.append(gone)
                 self.changes.append(f"{gone.id} removed (draining)")
         # Settings of every backend that stays: connection limits and health checks.
-        limits, policy = pool_limits(new, self.new.limits), health_policy(new)
-        if limits != pool_limits(old, self.old.limits) or policy != health_policy(old):
+        limits, policy = connection_limits(new, self.new.limits), health_policy(new)
+        if limits != connection_limits(old, self.old.limits) or policy != health_policy(old):
             for backend in backend_set:
-                pool = b.connections.get(backend.id)
-                if pool is not None:
-                    pool.limits = limits
+                conns = b.connections.get(backend.id)
+                if conns is not None:
+                    conns.set_limits(limits)
                 if policy is not None and b.health.is_checked(backend):
                     b.health.set_policy(backend, policy)
                 elif policy is not None:
@@ -166,7 +185,7 @@ class Reload:
         if new.passive != old.passive:
             b.passive.add_pool(new.name, new.passive)
         # The runtime: selector, timeouts, retries.
-        b.proxy.pools[new.name] = pool_runtime(new, backend_set)
+        b.proxy.set_pool(pool_runtime(new, backend_set))
         if (new.balance, new.timeouts, new.retries) != (old.balance, old.timeouts, old.retries):
             self.changes.append(f"pool {new.name}: balance/timeouts/retries applied")
         self._update_spawn(old, new)
@@ -194,7 +213,7 @@ class Reload:
 
     async def _drain(self, backend: Backend) -> None:
         self.b.registry.drain(backend)
-        await wait_drained(backend, self.b.config.shutdown.drain_timeout_s)
+        await wait_drained(backend, self.new.shutdown.drain_timeout_s)
 
     async def _drain_then_detach(self, backend: Backend) -> None:
         b = self.b

@@ -39,15 +39,14 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from ..config.models import Config, HealthConfig, PoolMap
+from ..config.models import Config, HealthConfig, PoolConfig, PoolMap
+from ..dataplane.connections import ConnectionTable
+from ..dataplane.proxy import Proxy
 from ..dataplane.record import RequestRecord
-from ..lb.registry import AdminState, Backend
-from ..lb.supervisor import RestartPolicy, _child_setup, describe_exit
-
-if TYPE_CHECKING:
-    from .balancer import Balancer
+from ..lb.registry import AdminState, Backend, Registry
+from ..lb.supervisor import RestartPolicy, child_setup, describe_exit
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +56,30 @@ BATCH_INTERVAL_S = 0.1
 _RECORD_FIELDS = ("start", "wall", "method", "client", "route", "pool", "backend", "status",
                   "upstream_status", "attempts", "error", "bytes_in", "bytes_out", "queue_s", "connect_s",
                   "ttfb_s", "total_s", "version")
+
+
+class Host(Protocol):
+    """What this module reads of the balancer it runs in (main or replica), and may ask of it."""
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def registry(self) -> Registry: ...
+    @property
+    def connections(self) -> ConnectionTable: ...
+    @property
+    def proxy(self) -> Proxy: ...
+    @property
+    def stop_event(self) -> asyncio.Event: ...
+
+    def attach_backend(self, backend: Backend, p: PoolConfig | None = None) -> None: ...
+    def remote_observers(self) -> list[Callable[[RequestRecord], None]]: ...
+    def start_rollout(self, work: Any, name: str) -> None: ...
+    async def reload(self, config: Config) -> list[str]: ...
+    async def startup(self) -> None: ...
+    async def shutdown(self, drain_timeout: float | None = None) -> None: ...
+    @property
+    def port(self) -> int: ...
 
 
 def backend_state(b: Backend) -> dict[str, Any]:
@@ -96,7 +119,7 @@ class Replica:
 class ProxyProcesses:
     """The main process's replicas: started, kept in sync, fed back, restarted, stopped."""
 
-    def __init__(self, balancer: Balancer, count: int, config_path: str,
+    def __init__(self, balancer: Host, count: int, config_path: str,
                  policy: RestartPolicy | None = None) -> None:
         self.balancer = balancer
         self.replicas = [Replica(i) for i in range(1, count)]
@@ -169,7 +192,7 @@ class ProxyProcesses:
             replica.process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "balancer", "_replica", "-c", self.config_path,
                 "--fd", str(theirs.fileno()), "--port", str(self.port), "--index", str(replica.index),
-                pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL, preexec_fn=_child_setup)
+                pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL, preexec_fn=child_setup)
         finally:
             theirs.close()
         reader, replica.writer = await asyncio.open_connection(sock=ours)
@@ -198,8 +221,7 @@ class ProxyProcesses:
             for backend_id, ok in message.get("outcomes", ()):
                 backend = backends.get(backend_id)
                 if backend is not None:
-                    for listener in b.proxy.outcome_listeners:
-                        listener(backend, ok)
+                    b.proxy.report_outcome(backend, ok)
             if "in_flight" in message:
                 replica.in_flight = message["in_flight"]
                 self._apply_in_flight()
@@ -209,8 +231,9 @@ class ProxyProcesses:
         for replica in self.replicas:
             for backend_id, n in replica.in_flight.items():
                 totals[backend_id] = totals.get(backend_id, 0) + n
-        for backend in self.balancer.registry.backends():
-            backend.remote_in_flight = totals.get(backend.id, 0)
+        registry = self.balancer.registry
+        for backend in registry.backends():
+            registry.set_remote_in_flight(backend, totals.get(backend.id, 0))
 
     async def aclose(self, drain_timeout: float) -> None:
         """Tell every replica to drain and exit; SIGKILL the ones still there after the deadline."""
@@ -259,7 +282,7 @@ def record_values(r: RequestRecord) -> list[Any]:
 class ReplicaLink:
     """In a replica: applies the main process's snapshots, batches records and outcomes back."""
 
-    def __init__(self, balancer: Balancer, fd: int, on_stop: Callable[[float], None],
+    def __init__(self, balancer: Host, fd: int, on_stop: Callable[[float], None],
                  on_reload: Callable[[], None]) -> None:
         self.balancer = balancer
         self._fd = fd
@@ -273,8 +296,8 @@ class ReplicaLink:
 
     async def start(self) -> None:
         reader, self._writer = await asyncio.open_connection(sock=socket.socket(fileno=self._fd))
-        self.balancer.proxy.observers.append(lambda r: self._records.append(record_values(r)))
-        self.balancer.proxy.outcome_listeners.append(lambda b, ok: self._outcomes.append((b.id, ok)))
+        self.balancer.proxy.add_observer(lambda r: self._records.append(record_values(r)))
+        self.balancer.proxy.add_outcome_listener(lambda b, ok: self._outcomes.append((b.id, ok)))
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._listen(reader)), loop.create_task(self._report())]
 
@@ -312,15 +335,11 @@ class ReplicaLink:
                 b.attach_backend(backend)
             if (backend.host, backend.port) != (state["host"], state["port"]):
                 b.connections.remove(backend.id)
-                backend.host, backend.port = state["host"], state["port"]
+                b.registry.move(backend, state["host"], state["port"])
                 b.attach_backend(backend)
-
-            def change(x: Backend, s: dict[str, Any] = state) -> None:
-                x.weight, x.alive, x.healthy, x.ejected = s["weight"], s["alive"], s["healthy"], s["ejected"]
-                x.admin, x.reason = AdminState(s["admin"]), s["reason"]
-            backend_set.update(backend, change)
-            backend_set.reweigh(backend, float(state["ew"]))
-            backend_set.touch()
+            b.registry.copy_state(backend, weight=state["weight"], effective_weight=float(state["ew"]),
+                                  alive=state["alive"], healthy=state["healthy"], ejected=state["ejected"],
+                                  admin=AdminState(state["admin"]), reason=state["reason"])
         for backend in list(b.registry.backends()):
             if backend.id not in seen:
                 b.registry.pool(backend.pool).remove(backend.id)
@@ -345,11 +364,21 @@ class ReplicaLink:
             self._writer.close()
 
 
-async def run_replica(config: Config, fd: int, port: int, index: int) -> None:
-    """The body of ``balancer _replica``: a proxy process fed by the main process."""
-    from .balancer import Balancer
+async def run_replica(make_balancer: Callable[..., Host], config: Config, fd: int, port: int,
+                      index: int) -> None:
+    """The body of ``balancer _replica``: a proxy process fed by the main process.
+    ``make_balancer`` builds the process's balancer (the composition root, passed in so that this
+    module does not import it)."""
+    # A reload here adds pools without backends (they come from the main process): fill them in
+    # before the new routes are switched on, so no request meets an empty new pool.
+    link: ReplicaLink | None = None
 
-    balancer = Balancer(replica_config(config), listen_port=port, reuse_port=True)
+    def fill_new_pools() -> None:
+        if link is not None:
+            link.apply(link.last_states)
+
+    balancer = make_balancer(replica_config(config), listen_port=port, reuse_port=True,
+                             before_routes_swap=fill_new_pools)
     loop = asyncio.get_running_loop()
     stop_timeout = [config.shutdown.drain_timeout_s]
 
@@ -365,13 +394,10 @@ async def run_replica(config: Config, fd: int, port: int, index: int) -> None:
             except Exception:
                 log.exception("proxy process %d: reload failed", index)
                 return
-            link.apply(link.last_states)     # backends of pools that only now exist here
+            fill_new_pools()                 # backends of pools that only now exist here
         balancer.start_rollout(reload(), "replica reload")
 
     link = ReplicaLink(balancer, fd, on_stop, on_reload)
-    # A reload here adds pools without backends (they come from the main process): fill them in
-    # before the new routes are switched on, so no request meets an empty new pool.
-    balancer.before_routes_swap = lambda: link.apply(link.last_states)
     await link.start()
     async with asyncio.timeout(30):
         await link.first_state.wait()
@@ -382,8 +408,6 @@ async def run_replica(config: Config, fd: int, port: int, index: int) -> None:
         log.info("proxy process %d pid %d serving on port %d", index, os.getpid(), balancer.port)
         await balancer.stop_event.wait()
     finally:
-        balancer.config = replace(balancer.config, shutdown=replace(balancer.config.shutdown,
-                                                                     drain_timeout_s=stop_timeout[0]))
-        await balancer.shutdown()
+        await balancer.shutdown(drain_timeout=stop_timeout[0])
         await link.aclose()
 

@@ -1,13 +1,14 @@
-"""How configuration becomes the settings of each part (pool limits, health policy, worker spec,
-the proxy's per-pool runtime). Pure functions, shared by start-up (:mod:`balancer.app`) and reload
-(:mod:`balancer.reload`).
+"""How configuration becomes the settings of each part (connection limits, health policy, worker
+spec, the proxy's per-pool runtime, the router). Pure functions, the one place each is derived,
+shared by start-up (:mod:`.balancer`) and reload (:mod:`.reload`).
 """
 
 from __future__ import annotations
 
-from ..config.models import LimitsConfig, PoolConfig
+from ..config.models import Config, LimitsConfig, PoolConfig
 from ..dataplane.connections import ConnectionLimits
 from ..dataplane.proxy import PoolRuntime
+from ..dataplane.routing import Route, Router
 from ..lb.health import HealthPolicy
 from ..lb.registry import BackendSet
 from ..lb.selection import make_selector
@@ -19,7 +20,7 @@ KEEPALIVE_MARGIN_S = 2.0
 EXTERNAL_IDLE_TIMEOUT_S = 15.0
 
 
-def pool_limits(pool: PoolConfig, limits: LimitsConfig) -> ConnectionLimits:
+def connection_limits(pool: PoolConfig, limits: LimitsConfig) -> ConnectionLimits:
     c = pool.connections
     idle_timeout = c.idle_timeout_s
     if idle_timeout is None:
@@ -29,9 +30,9 @@ def pool_limits(pool: PoolConfig, limits: LimitsConfig) -> ConnectionLimits:
         else:
             idle_timeout = EXTERNAL_IDLE_TIMEOUT_S
     return ConnectionLimits(max=c.max, max_idle=c.max_idle, min_idle=c.min_idle, idle_timeout_s=idle_timeout,
-                      max_requests=c.max_requests, max_lifetime_s=c.max_lifetime_s,
-                      acquire_timeout_s=c.acquire_timeout_s, connect_timeout_s=pool.timeouts.connect_s,
-                      max_waiting=c.max_waiting, max_response_header=limits.max_response_header)
+                            max_requests=c.max_requests, max_lifetime_s=c.max_lifetime_s,
+                            acquire_timeout_s=c.acquire_timeout_s, connect_timeout_s=pool.timeouts.connect_s,
+                            max_waiting=c.max_waiting, max_response_header=limits.max_response_header)
 
 
 def worker_spec(p: PoolConfig) -> WorkerSpec:
@@ -57,3 +58,8 @@ def health_policy(pool: PoolConfig) -> HealthPolicy | None:
         return None
     return HealthPolicy(path=h.path, interval_s=h.interval_s, timeout_s=h.timeout_s, rise=h.rise,
                         fall=h.fall, expect=h.expect)
+
+
+def router_for(config: Config) -> Router:
+    return Router([Route(name=r.name, pool=r.pool, path_prefix=r.path_prefix.encode(),
+                         host=r.host.encode() if r.host else None) for r in config.routes])

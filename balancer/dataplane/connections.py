@@ -366,6 +366,10 @@ class BackendConnections:
             self._in_use.discard(conn)
             self._release_idle(conn)
 
+    def set_limits(self, limits: ConnectionLimits) -> None:
+        """Reload: new limits, for the next acquire and the next idle sweep."""
+        self.limits = limits
+
     def count_replay(self) -> None:
         """The proxy sent a request again on a fresh connection after a reused one was found closed."""
         self.stats.replayed += 1

@@ -148,14 +148,14 @@ class Proxy:
                  limits: LimitsConfig | None = None) -> None:
         self.limits = limits or LimitsConfig()
         self.router = router
-        self.pools = pools
+        self.pools = dict(pools)
         self.connections = connections
         self._connections_by_id = connections.by_id
         self.trusted = trusted
         # Passive health: told (backend, ok) after every attempt that reached a verdict.
-        self.outcome_listeners: list[Callable[[Backend, bool], None]] = []
+        self._outcome_listeners: list[Callable[[Backend, bool], None]] = []
         # Metrics, access log, slow log: told every finished request.
-        self.observers: list[Callable[[RequestRecord], None]] = []
+        self.observers: tuple[Callable[[RequestRecord], None], ...] = ()
         self.requests = 0
         self.retries = 0
         # Set by shutdown: every response from now on carries `Connection: close`.
@@ -164,6 +164,37 @@ class Proxy:
         self._budget = RetryBudget()
         self._failure_log = ThrottledLog(log)
 
+    # --- what the owner may change (start-up, reload, shutdown) ---------------------------------------
+
+    def apply(self, router: Router, trusted: TrustedProxies, limits: LimitsConfig) -> None:
+        """A reload's routes and client-side settings; a request in flight keeps what it holds."""
+        self.router = router
+        self.trusted = trusted
+        self.limits = limits
+
+    def set_pool(self, runtime: PoolRuntime) -> None:
+        """Add a pool, or replace its runtime (selector, timeouts, retries) on reload."""
+        self.pools[runtime.name] = runtime
+
+    def remove_pool(self, name: str) -> None:
+        self.pools.pop(name, None)
+
+    def add_observer(self, observer: Callable[[RequestRecord], None]) -> None:
+        """``observer`` is told every finished request."""
+        self.observers = (*self.observers, observer)
+
+    def add_outcome_listener(self, listener: Callable[[Backend, bool], None]) -> None:
+        """``listener`` is told (backend, ok) after every attempt that reached a verdict."""
+        self._outcome_listeners.append(listener)
+
+    def start_draining(self) -> None:
+        """Shutdown: every response from now on carries ``Connection: close``."""
+        self.draining = True
+
+    def report_outcome(self, backend: Backend, ok: bool) -> None:
+        """An attempt's verdict on ``backend``: ours, or one another proxy process reported."""
+        for listener in self._outcome_listeners:
+            listener(backend, ok)
     async def handle(self, request: Exchange) -> None:
         """Serve one request; every path ends with the response finished (or the client connection
         abandoned) and the record observed."""
@@ -312,7 +343,7 @@ class Proxy:
             if needs_host:
                 # HTTP/1.0 without Host: the backend gets one (we speak HTTP/1.1 to it).
                 head = line + b"Host: " + backend.address.encode() + b"\r\n" + rest
-            lease = Lease(backend, self._connections_by_id[backend.id], self._outcome)
+            lease = Lease(backend, self._connections_by_id[backend.id], self.report_outcome)
             conns = lease.connections
             replayed = False
             try:
@@ -468,11 +499,6 @@ class Proxy:
                 record.bytes_out = tunnel.bytes_down
             conn.close("upgrade")
             lease.finish(True)
-
-    def _outcome(self, backend: Backend, ok: bool) -> None:
-        for listener in self.outcome_listeners:
-            listener(backend, ok)
-
 
 class ThrottledLog:
     """At most one line per second per kind of failure, with how many were left out: a dead pool

@@ -273,6 +273,30 @@ class Registry:
         """Back to normal: ready again as soon as it is alive, healthy and not ejected."""
         self.set_admin(backend, AdminState.ENABLED)
 
+    def remove_pool(self, name: str) -> None:
+        """Forget a pool that left the configuration (its backends are drained and detached)."""
+        self.pools.pop(name, None)
+
+    def set_remote_in_flight(self, backend: Backend, count: int) -> None:
+        """Proxy processes (``processes`` > 1): what the others last reported in flight."""
+        backend.remote_in_flight = count
+
+    def move(self, backend: Backend, host: str, port: int) -> None:
+        """A proxy process learns that a spawned worker came back on another port."""
+        backend.host, backend.port = host, port
+
+    def copy_state(self, backend: Backend, *, weight: int, effective_weight: float, alive: bool,
+                   healthy: bool, ejected: bool, admin: AdminState, reason: str) -> None:
+        """A proxy process takes the main process's view of ``backend``, all flags at once."""
+        backend_set = self.pool(backend.pool)
+
+        def change(b: Backend) -> None:
+            b.weight, b.alive, b.healthy, b.ejected = weight, alive, healthy, ejected
+            b.admin, b.reason = admin, reason
+        backend_set.update(backend, change)
+        backend_set.reweigh(backend, effective_weight)
+        backend_set.touch()
+
     def __repr__(self) -> str:
         inner = ", ".join(repr(s) for s in self.pools.values())
         return f"<Registry {inner}>"

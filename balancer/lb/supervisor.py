@@ -115,7 +115,7 @@ def build_command(command: Sequence[str], port: int, worker_id: str) -> list[str
     return [a.replace("{id}", worker_id) for a in argv] + ["--port", str(port)]
 
 
-def _child_setup() -> None:  # pragma: no cover - runs in the child between fork and exec
+def child_setup() -> None:  # pragma: no cover - runs in the child between fork and exec
     os.setpgid(0, 0)
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
@@ -222,6 +222,16 @@ class Supervisor:
                 await asyncio.gather(*(w.ready_event.wait() for w in workers))
 
     # --- changing the set of slots (reload, rolling restart) -------------------------------------------
+
+    def add_pool(self, spec: WorkerSpec) -> None:
+        """A spawn pool added by a reload: remember its spec and start its workers."""
+        self.specs[spec.pool] = spec
+        for _ in range(spec.count):
+            self.add_worker(spec)
+
+    def forget_pool(self, pool: str) -> None:
+        """A spawn pool that left the configuration, once its workers are retired."""
+        self.specs.pop(pool, None)
 
     def add_worker(self, spec: WorkerSpec) -> Worker:
         """A new slot for ``spec.pool``, started at once; the owner is told through added_listeners."""
@@ -339,7 +349,7 @@ class Supervisor:
         try:
             process = await asyncio.create_subprocess_exec(
                 *argv, env=env, cwd=spec.cwd, stdin=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE, preexec_fn=_child_setup)
+                stderr=asyncio.subprocess.PIPE, preexec_fn=child_setup)
         except OSError as exc:
             worker.last_exit = f"could not start {argv[0]!r}: {exc.strerror or exc}"
             worker.failures_in_a_row += 1
