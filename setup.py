@@ -33,6 +33,7 @@ COMPILED = [
     "balancer/observe/metrics.py",
     "balancer/observe/slowlog.py",
     "balancer/observe/stats.py",
+    "balancer/observe/units.py",
 ]
 
 ext_modules = []

@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
         _admin_arguments(cmd)
         cmd.add_argument("--wait", metavar="DURATION", default="60s",
                          help="wait up to this long for worker rollouts (default 60s; 0 = do not wait)")
-    replica = sub.add_parser("_replica")          # internal: a proxy process of `workers: N`
+    replica = sub.add_parser("_replica")          # internal: a proxy process of `processes: N`
     replica.add_argument("-c", "--config", required=True)
     replica.add_argument("--fd", type=int, required=True)
     replica.add_argument("--port", type=int, required=True)
@@ -147,7 +147,7 @@ def _run(config_path: str) -> int:
 
 
 def _replica(args: argparse.Namespace) -> int:
-    """A proxy process started by the main process (workers > 1); see balancer/workers.py."""
+    """A proxy process started by the main process (processes > 1); see balancer/control/replicas.py."""
     config = _prepare(args.config)
     if config is None:
         return EXIT_CONFIG

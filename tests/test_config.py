@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 from balancer.config.load import (
     DEFAULT_CONFIG_PATH,
@@ -50,7 +52,7 @@ def test_minimal_file_gets_every_default() -> None:
     config = parse(MINIMAL)
     assert config.listen == ListenConfig(host="127.0.0.1", port=8080)
     assert config.admin is None
-    assert config.workers == 1
+    assert config.processes == 1
     assert (config.log.level, config.log.access_log) == ("info", False)
     assert (config.shutdown.drain_timeout_s, config.shutdown.worker_stop_timeout_s) == (15.0, 10.0)
     assert config.limits.max_body == 0
@@ -104,7 +106,7 @@ def test_full_example_sets_every_field() -> None:
     config = parse(FULL)
     assert config.listen == ListenConfig(host="0.0.0.0", port=0)
     assert config.admin == AdminConfig(host="127.0.0.2", port=9991, token="s3cret")
-    assert config.workers == 3
+    assert config.processes == 3
     assert (config.log.level, config.log.access_log) == ("debug", True)
     assert (config.shutdown.drain_timeout_s, config.shutdown.worker_stop_timeout_s) == (0.5, 60.0)
     assert config.limits.max_body == 10 * 2**20
@@ -156,9 +158,20 @@ def test_default_config_file_is_the_documented_setup() -> None:
     assert config.routes == (RouteConfig(name="route0", path_prefix="/", pool="web"),)
 
 
-def test_workers_auto_is_the_cpu_count() -> None:
-    """`workers: auto` becomes os.cpu_count()."""
-    assert parse("workers: auto\n" + MINIMAL).workers == (os.cpu_count() or 1)
+def test_processes_auto_is_the_cpu_count() -> None:
+    """`processes: auto` becomes os.cpu_count()."""
+    assert parse("processes: auto\n" + MINIMAL).processes == (os.cpu_count() or 1)
+
+
+def test_the_old_key_workers_reads_as_processes_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """`workers:` was the proxy processes' key; "workers" now means spawned backends only."""
+    with caplog.at_level(logging.WARNING, logger="balancer.config.load"):
+        config = parse_config("\n" + "workers: 2\n" + MINIMAL, "x.yaml")
+    assert config.processes == 2
+    assert "x.yaml:2: workers: renamed to 'processes'" in caplog.text
+    assert "workers" not in yaml.safe_load(dump_effective(config))
+    with pytest.raises(ConfigError, match=r"x.yaml:2: workers: .workers. is the old name of .processes."):
+        parse_config("processes: 2\nworkers: 2\n" + MINIMAL, "x.yaml")
 
 
 def test_config_is_hashable_and_picklable() -> None:
@@ -250,7 +263,7 @@ def test_config_is_hashable_and_picklable() -> None:
                  "x.yaml:1: pools.web.spawn.command: expected a non-empty command", id="empty-command"),
     pytest.param("pools: {web: {servers: [a:1, a:1]}}",
                  "x.yaml:1: pools.web.servers[1]: duplicate server 'a:1'", id="duplicate-server"),
-    pytest.param("base: &b {rise: 1}\n", "x.yaml:1: base: unknown key (allowed: listen, admin, workers, "
+    pytest.param("base: &b {rise: 1}\n", "x.yaml:1: base: unknown key (allowed: listen, admin, processes, "
                  "log, shutdown, limits, timeouts, trusted_proxies, pools, routes)", id="unknown-top-level"),
 ])
 def test_error_names_file_line_and_path(text: str, message: str) -> None:

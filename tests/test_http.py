@@ -418,7 +418,7 @@ async def test_max_connections_refuses_cleanly(balancer_factory: Factory, raw_ba
     backend = await raw_backend()
     balancer = await balancer_factory(config(backend.port, top="limits: {max_connections: 2}"))
     held = [await asyncio.open_connection("127.0.0.1", balancer.port) for _ in range(2)]
-    await async_wait_until(lambda: len(balancer._web_server.connections) == 2, timeout=5,
+    await async_wait_until(lambda: len(balancer.front_door.connections) == 2, timeout=5,
                            message="two connections registered")
     reply = await exchange(balancer.port, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in reply
@@ -436,7 +436,7 @@ async def test_max_connections_holds_for_a_burst(balancer_factory: Factory, raw_
     # The kernel completes these handshakes before the loop runs again: all 30 wait to be accepted.
     clients = [socket.create_connection(("127.0.0.1", balancer.port)) for _ in range(30)]
     try:
-        server = balancer._web_server
+        server = balancer.front_door
         await async_wait_until(lambda: server.refused_connections == 25, timeout=5, message="25 refused")
         await async_wait_until(lambda: len(server.connections) == 5, timeout=5, message="5 admitted")
     finally:

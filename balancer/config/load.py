@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import ipaddress
+import logging
 import math
 import os
 import re
@@ -61,7 +62,11 @@ __all__ = [
     "load_config", "parse_config", "parse_duration", "split_address",
 ]
 
+log = logging.getLogger(__name__)
+
 DEFAULT_CONFIG_PATH = "config/balancer.yaml"
+# Top-level keys that were renamed: old -> new. The old key reads as the new one, with a warning.
+RENAMED = {"workers": "processes"}
 BALANCE_POLICIES = ("round_robin", "least_loaded", "p2c")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -93,6 +98,7 @@ def parse_config(text: str, source: str = "<string>", environ: Mapping[str, str]
     if not isinstance(root, yaml.MappingNode):
         shown = show(reader.value(root, ""))
         raise reader.error(f"expected a mapping at the top level, got {shown}", root, "")
+    _renamed_keys(reader, root)
     fields = reader.fields(root, "", _CONFIG, required=("pools",))
     if "routes" not in fields:
         fields["routes"] = (RouteConfig(name="default", pool=next(iter(fields["pools"]))),)
@@ -235,7 +241,19 @@ def _url_path_value(value: object) -> str:
     raise ConfigError(f"expected a path starting with '/', got {show(value)}")
 
 
-def _workers_value(value: object) -> int:
+def _renamed_keys(reader: Reader, root: yaml.MappingNode) -> None:
+    """Old names still read, with a warning naming the new one; both at once is an error."""
+    keys = {key.value: key for key, _ in root.value if isinstance(key, yaml.ScalarNode)}
+    for old, new in RENAMED.items():
+        if old in keys and new in keys:
+            raise reader.error(f"{old!r} is the old name of {new!r}: give {new!r} only", keys[old], old)
+        if old in keys:
+            log.warning("%s:%d: %s: renamed to %r (the old name still works)", reader.source,
+                        keys[old].start_mark.line + 1, old, new)
+            keys[old].value = new       # this parse's own node: read on as the new key
+
+
+def _processes_value(value: object) -> int:
     if value == "auto":
         return os.cpu_count() or 1
     if _is_int(value) and value >= 1:
@@ -487,7 +505,7 @@ _ROUTE: Schema = {"name": ("name", _STRING), "path_prefix": ("path_prefix", _sca
                   "host": ("host", _hostname), "pool": ("pool", _route_pool)}
 _CONFIG: Schema = {
     "listen": ("listen", _section(ListenConfig, _LISTEN)), "admin": ("admin", _section(AdminConfig, _ADMIN)),
-    "workers": ("workers", _scalar(_workers_value)), "log": ("log", _section(LogConfig, _LOG)),
+    "processes": ("processes", _scalar(_processes_value)), "log": ("log", _section(LogConfig, _LOG)),
     "shutdown": ("shutdown", _section(ShutdownConfig, _SHUTDOWN)),
     "limits": ("limits", _section(LimitsConfig, _LIMITS)),
     "timeouts": ("timeouts", _section(ClientTimeoutsConfig, _CLIENT_TIMEOUTS)),

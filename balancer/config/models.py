@@ -150,7 +150,7 @@ class TimeoutsConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ConnectionsConfig:
-    """The upstream connection pool, per backend. For ``max``, ``max_requests``, ``max_lifetime_s``,
+    """The connections kept to each backend of the pool. For ``max``, ``max_requests``, ``max_lifetime_s``,
     0 = unlimited. ``idle_timeout_s`` None = derived by the app (below the spawned workers' keep-alive,
     else 15s).
     """
@@ -241,7 +241,7 @@ class Config:
     text_hash: str = field(default="", compare=False)
     listen: ListenConfig = ListenConfig()
     admin: AdminConfig | None = None
-    workers: int = 1
+    processes: int = 1             # proxy processes on the data port (the YAML key `workers` is its old name)
     log: LogConfig = LogConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
     limits: LimitsConfig = LimitsConfig()

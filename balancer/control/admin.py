@@ -1,10 +1,11 @@
 """The admin listener: health, stats, metrics, slow log, dashboard, and the operator's switches.
 
 A separate aiohttp ``Application`` on its own port (loopback by default), so the data port carries no
-router. It observes through public attributes and the proxy's observer list; the operations it
-triggers are registry methods. Creating an :class:`Admin` registers two proxy observers
-(:class:`~balancer.stats.Traffic` and :class:`~balancer.slowlog.SlowLog`); without an ``admin:``
-section neither exists and requests pay nothing for them.
+router. It sees the balancer through :class:`Operated`: what it reads, and what it may ask for (a
+reload, a worker restart); backend switches are registry methods. Creating an :class:`Admin`
+registers two proxy observers (:class:`~balancer.observe.stats.Traffic` and
+:class:`~balancer.observe.slowlog.SlowLog`); without an ``admin:`` section neither exists and
+requests pay nothing for them.
 
 With a token configured, every endpoint but ``/healthz`` and the dashboard page itself requires
 ``Authorization: Bearer TOKEN`` (compared in constant time). The page holds no data: its script reads
@@ -36,6 +37,7 @@ from ..observe.accesslog import AccessLog
 from ..observe.metrics import CONTENT_TYPE, BalancerCollector, exposition, new_registry
 from ..observe.slowlog import SlowLog
 from ..observe.stats import WINDOWS, Traffic
+from ..observe.units import iso_utc
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +188,7 @@ class Admin:
 
     async def stats_reset(self, request: web.Request) -> web.Response:
         self.reset()
-        return web.json_response({"reset": True, "stats_since": _iso(self.traffic.reset_at)})
+        return web.json_response({"reset": True, "stats_since": iso_utc(self.traffic.reset_at)})
 
     async def stats_series(self, request: web.Request) -> web.Response:
         now_sec = self.traffic.now_sec()
@@ -315,7 +317,7 @@ class Admin:
         since = self.traffic.states.note(backend.id, state)
         traffic = self.traffic
         data: dict[str, Any] = {
-            "id": backend.id, "address": backend.address, "state": state, "since": _iso(since),
+            "id": backend.id, "address": backend.address, "state": state, "since": iso_utc(since),
             "since_s": round(time.time() - since, 3),
             "ready": backend.is_ready, "alive": backend.alive, "healthy": backend.healthy,
             "admin": backend.admin.value, "reason": backend.reason, "weight": backend.weight,
@@ -350,8 +352,8 @@ class Admin:
         totals["latency"] = traffic.latency(traffic.windows.values())
         return {
             "uptime_s": round(time.time() - b.started_at, 3),
-            "started_at": _iso(b.started_at),
-            "stats_since": _iso(traffic.reset_at),
+            "started_at": iso_utc(b.started_at),
+            "stats_since": iso_utc(traffic.reset_at),
             "config": {"file": b.config.source, "sha256": b.config.text_hash},
             "requests": totals["requests"],
             "windows": [name for name, _ in WINDOWS],
@@ -401,6 +403,3 @@ class Admin:
         yield GaugeMetricFamily("balancer_uptime_seconds", "Seconds since balancer started",
                                 value=time.time() - self.balancer.started_at)
 
-
-def _iso(wall: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(wall)) + f".{int(wall % 1 * 1000):03d}Z"

@@ -50,7 +50,7 @@ class Balancer:
     restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
     echo_worker_stderr: bool = True
     listen_port: int | None = None        # overrides listen.port (proxy replicas bind the main's port)
-    reuse_port: bool = False              # SO_REUSEPORT on the data port (workers > 1)
+    reuse_port: bool = False              # SO_REUSEPORT on the data port (processes > 1)
     # In a proxy replica: fills new pools with the main process's backends during a reload, before
     # the new routes are switched on.
     before_routes_swap: Callable[[], None] | None = None
@@ -61,7 +61,7 @@ class Balancer:
         self.registry = Registry()
         self.connections = ConnectionTable()
         self.health = HealthChecker(self.registry)
-        # Passive health (live-traffic ejection) and slow start: see balancer/passive.py, health.py.
+        # Passive health (live-traffic ejection) and slow start: see balancer/lb/passive.py, health.py.
         self.passive = PassiveHealth(self.registry, self.health)
         self.slow_start = SlowStart(self.registry)
         self.supervisor = Supervisor(self.registry, [worker_spec(p) for p in cfg.pools.values() if p.spawn],
@@ -81,10 +81,10 @@ class Balancer:
                            if cfg.log.access_log else None)
         if self.access_log is not None:
             self.proxy.add_observer(self.access_log.observe)
-        self._web_server: FrontDoor | None = None
+        self._front_door: FrontDoor | None = None
         self._shut_down = False
         self._reload_lock = asyncio.Lock()
-        self.processes: ProxyProcesses | None = None      # replicas, with workers > 1
+        self.processes: ProxyProcesses | None = None      # replicas, with processes > 1
         self._rollouts: set[asyncio.Task[None]] = set()
         self._listener: Listener | None = None
         self.stop_event = asyncio.Event()
@@ -106,7 +106,7 @@ class Balancer:
         return pool_runtime(p, backend_set)
 
     def attach_backend(self, backend: Backend, p: PoolConfig | None = None) -> None:
-        """Give a backend its connection pool and (if configured) its health checks."""
+        """Give a backend its connections (BackendConnections) and (if configured) its health checks."""
         p = p or self.config.pools[backend.pool]
         self.connections.add(backend.id, backend.host, backend.port, connection_limits(p, self.config.limits))
         policy = health_policy(p)
@@ -119,6 +119,12 @@ class Balancer:
         await self.health.remove(backend.id)
 
     @property
+    def front_door(self) -> FrontDoor:
+        """The data port's connections (after :meth:`startup`)."""
+        assert self._front_door is not None
+        return self._front_door
+
+    @property
     def port(self) -> int:
         """The data port actually bound (useful with ``listen.port: 0``)."""
         assert self._listener is not None
@@ -127,7 +133,7 @@ class Balancer:
     # --- reload -----------------------------------------------------------------------------------------
 
     async def reload(self, config: Config) -> list[str]:
-        """Apply an already validated configuration in place (see :mod:`balancer.reload`)."""
+        """Apply an already validated configuration in place (see :mod:`.reload`)."""
         async with self._reload_lock:
             old, self.config = self.config, config     # attach_backend() reads pool settings from here
             changes = await Reload(self, old, config).apply()
@@ -146,7 +152,7 @@ class Balancer:
         started = []
         for name, spec in self.supervisor.specs.items():
             p = self.config.pools[name]
-            timeout = spec.start_timeout_s + 10 * (p.health.interval_s if p.health else 2.0)
+            timeout = spec.spawn.start_timeout_s + 10 * (p.health.interval_s if p.health else 2.0)
 
             async def drain(backend: Backend) -> None:
                 self.registry.drain(backend)
@@ -188,9 +194,9 @@ class Balancer:
 
     async def move_listener(self, host: str, port: int) -> None:
         """Open the new data socket first, then close the old one."""
-        assert self._web_server is not None
-        new = await Listener.open(self._web_server, host, port,
-                                  reuse_port=self.reuse_port or self.config.workers > 1)
+        assert self._front_door is not None
+        new = await Listener.open(self._front_door, host, port,
+                                  reuse_port=self.reuse_port or self.config.processes > 1)
         old, self._listener = self._listener, new
         if old is not None:
             old.close()
@@ -210,10 +216,10 @@ class Balancer:
         self.slow_start.start()
         if self.access_log is not None:
             self.access_log.start()
-        self._web_server = FrontDoor(self.proxy.handle, cfg.limits, cfg.timeouts)
+        self._front_door = FrontDoor(self.proxy.handle, cfg.limits, cfg.timeouts)
         port = cfg.listen.port if self.listen_port is None else self.listen_port
-        self._listener = await Listener.open(self._web_server, cfg.listen.host, port,
-                                             reuse_port=self.reuse_port or cfg.workers > 1)
+        self._listener = await Listener.open(self._front_door, cfg.listen.host, port,
+                                             reuse_port=self.reuse_port or cfg.processes > 1)
         if self.admin is not None:
             await self.admin.start()
             log.info("admin on http://%s:%d", self.admin.host, self.admin.bound_port)
@@ -255,9 +261,9 @@ class Balancer:
         # 2. Drain: in-flight requests finish; each keep-alive client's next response carries
         #    `Connection: close` (we give idle clients a moment to send it), then idle connections
         #    are closed and whatever is still running after the deadline is cancelled.
-        if self._web_server is not None:
+        if self._front_door is not None:
             self.proxy.start_draining()
-            await self._drain(self._web_server, drain_timeout)
+            await self._drain(self._front_door, drain_timeout)
         if replicas is not None:
             await replicas
         # 3. The admin listener, health probes and upstream connections.
@@ -278,22 +284,22 @@ class Balancer:
         skip = self.access_log.observe if self.access_log is not None else None
         return [o for o in self.proxy.observers if o != skip]
 
-    async def _drain(self, server: FrontDoor, timeout: float) -> None:
+    async def _drain(self, front_door: FrontDoor, timeout: float) -> None:
         """Idle keep-alive clients get a moment to send one more request; then the front door drains
         for what is left of ``timeout`` and stops hard (see FrontDoor.shutdown)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         grace_end = loop.time() + min(KEEPALIVE_GRACE_S, timeout)
-        while loop.time() < grace_end and server.connections:  # noqa: ASYNC110  (a deadline)
+        while loop.time() < grace_end and front_door.connections:  # noqa: ASYNC110  (a deadline)
             await asyncio.sleep(0.02)
-        cut = await server.shutdown(max(deadline - loop.time(), 0.0))
+        cut = await front_door.shutdown(max(deadline - loop.time(), 0.0))
         if cut:
             log.warning("drain deadline (%gs) passed with %d requests in flight: cut", timeout, cut)
 
     def apply_client_settings(self, limits: LimitsConfig, timeouts: ClientTimeoutsConfig) -> None:
         """Reload: new client-side limits and timeouts, for connections accepted from now on."""
-        if self._web_server is not None:
-            self._web_server.apply(limits, timeouts)
+        if self._front_door is not None:
+            self._front_door.apply(limits, timeouts)
 
     async def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT, shut down. A second signal kills workers and exits."""
@@ -321,8 +327,8 @@ class Balancer:
         try:
             try:
                 await self.startup()
-                if self.config.workers > 1:
-                    self.processes = ProxyProcesses(self, self.config.workers, self.config.source)
+                if self.config.processes > 1:
+                    self.processes = ProxyProcesses(self, self.config.processes, self.config.source)
                     await self.processes.start(self.port)
                 gc.collect()
                 gc.freeze()      # start-up objects live forever: keep them out of every collection

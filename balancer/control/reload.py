@@ -16,7 +16,7 @@ in an order that keeps every request answerable:
    (start a new worker, wait until it passes its checks, drain and stop an old one), in a background
    rollout so the reload call returns at once; a count change adds or drains workers the same way.
 
-A listen address change opens the new socket before closing the old one. ``workers`` changes need a
+A listen address change opens the new socket before closing the old one. ``processes`` changes need a
 restart (reported, not applied).
 """
 
@@ -86,8 +86,8 @@ class Reload:
 
     async def apply(self) -> list[str]:
         b, old, new = self.b, self.old, self.new
-        if new.workers != old.workers:
-            self.changes.append(f"workers {old.workers} -> {new.workers}: needs a restart, not applied")
+        if new.processes != old.processes:
+            self.changes.append(f"processes {old.processes} -> {new.processes}: needs a restart, not applied")
         for name, p in new.pools.items():
             if name not in old.pools:
                 self._add_pool(p)

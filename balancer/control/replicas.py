@@ -1,13 +1,13 @@
-"""Several proxy processes on one port: ``workers: N`` (``auto`` = cores).
+"""Several proxy processes on one port: ``processes: N`` (``auto`` = cores; old key: ``workers``).
 
 Theory of operation
 -------------------
 The process started by ``balancer run`` (the *main* process) is the only one that owns state: it
 spawns and supervises the backend workers, runs the health checks and passive health, serves the admin
-API, and applies reloads. It also proxies, like every other process: with ``workers: N`` it starts
+API, and applies reloads. It also proxies, like every other process: with ``processes: N`` it starts
 N - 1 *replica* processes, and all N bind the data port with ``SO_REUSEPORT``, so the kernel spreads
-client connections over them. Each process has its own event loop, upstream connection pools and
-in-flight counts (as nginx workers do; ``least_loaded`` therefore balances per process).
+client connections over them. Each process has its own event loop, upstream connections and
+in-flight counts (as nginx worker processes do; ``least_loaded`` therefore balances per process).
 
 One health checker, whose results reach every process: the main process sends each replica a snapshot
 of every backend (address, weight, effective weight, alive/healthy/ejected/admin flags) whenever its
@@ -94,7 +94,7 @@ def replica_config(config: Config) -> Config:
     pools = PoolMap(replace(p, spawn=None, servers=(), health=HealthConfig(enabled=False),
                             passive=replace(p.passive, enabled=False))
                     for p in config.pools.values())
-    return replace(config, pools=pools, admin=None, workers=1)
+    return replace(config, pools=pools, admin=None, processes=1)
 
 
 # --- the main process's side -------------------------------------------------------------------------

@@ -5,11 +5,10 @@ shared by start-up (:mod:`.balancer`) and reload (:mod:`.reload`).
 
 from __future__ import annotations
 
-from ..config.models import Config, LimitsConfig, PoolConfig
+from ..config.models import Config, HealthConfig, LimitsConfig, PoolConfig
 from ..dataplane.connections import ConnectionLimits
 from ..dataplane.proxy import PoolRuntime
 from ..dataplane.routing import Route, Router
-from ..lb.health import HealthPolicy
 from ..lb.registry import BackendSet
 from ..lb.selection import make_selector
 from ..lb.supervisor import WorkerSpec
@@ -37,9 +36,7 @@ def connection_limits(pool: PoolConfig, limits: LimitsConfig) -> ConnectionLimit
 
 def worker_spec(p: PoolConfig) -> WorkerSpec:
     assert p.spawn is not None
-    return WorkerSpec(pool=p.name, command=p.spawn.command, count=p.spawn.count, env=p.spawn.env,
-                      cwd=p.spawn.cwd, start_timeout_s=p.spawn.start_timeout_s,
-                      keepalive_timeout_s=p.spawn.keepalive_timeout_s)
+    return WorkerSpec(pool=p.name, spawn=p.spawn)
 
 
 def pool_runtime(p: PoolConfig, backend_set: BackendSet) -> PoolRuntime:
@@ -49,15 +46,13 @@ def pool_runtime(p: PoolConfig, backend_set: BackendSet) -> PoolRuntime:
                        retries=p.retries)
 
 
-def health_policy(pool: PoolConfig) -> HealthPolicy | None:
+def health_policy(pool: PoolConfig) -> HealthConfig | None:
+    """The checks a pool's backends get, or None. No section: on for spawned workers (defaults),
+    off for external servers."""
     h = pool.health
     if h is None:
-        # No section: checks on for spawned workers (defaults), off for external servers.
-        return HealthPolicy() if pool.spawn is not None else None
-    if not h.enabled:
-        return None
-    return HealthPolicy(path=h.path, interval_s=h.interval_s, timeout_s=h.timeout_s, rise=h.rise,
-                        fall=h.fall, expect=h.expect)
+        return HealthConfig() if pool.spawn is not None else None
+    return h if h.enabled else None
 
 
 def router_for(config: Config) -> Router:

@@ -1,12 +1,14 @@
-"""Upstream keep-alive connection pools, one per backend.
+"""The keep-alive connections to each backend (:class:`BackendConnections`), and the table of them
+(:class:`ConnectionTable`). "Pool" is reserved for a configured group of backends.
 
 Theory of operation
 -------------------
-Modelled on httpcore's pool: every decision is a synchronous step over plain state that returns what to
-do (which connection to lease, which to close); a thin async shell performs the I/O.
+Modelled on httpcore's connection pool: every decision is a synchronous step over plain state that
+returns what to do (which connection to lease, which to close); a thin async shell performs the I/O.
 
-A pool holds ``idle`` connections (a stack: the most recently used is reused first, so surplus
-connections at the bottom age out) and counts the connections leased or being opened (``in_use``).
+A :class:`BackendConnections` holds ``idle`` connections (a stack: the most recently used is reused
+first, so surplus connections at the bottom age out) and counts the connections leased or being
+opened (``in_use``).
 ``acquire()``:
 
 1. pops idle connections from the top, discarding any that has expired (idle timeout, backend's
@@ -43,7 +45,7 @@ from .upstream import ConnState, UpstreamConnection
 log = logging.getLogger(__name__)
 
 CLOSE_REASONS = ("idle_timeout", "stale", "max_requests", "lifetime", "error", "backend_close",
-                 "pool_closed", "surplus")
+                 "out_of_rotation", "removed", "surplus")
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +65,7 @@ class ConnectionLimits:
 
 
 class ConnectionStats:
-    """Counters for one backend's pool (fed to /stats and /metrics)."""
+    """Counters for one backend's connections (fed to /stats and /metrics)."""
 
     __slots__ = ("acquires", "closed", "created", "replayed", "reused", "wait_max_s", "wait_total_s",
                  "waits")
@@ -166,7 +168,7 @@ class BackendConnections:
         if not conn.is_reusable:
             return "error" if conn.state is not ConnState.CLOSED else (conn.close_reason or "backend_close")
         if self._closed or not self.accepting:
-            return "pool_closed"
+            return "out_of_rotation"
         return self._expiry(conn, now)
 
     def reap(self, now: float) -> list[Closing]:
@@ -360,7 +362,7 @@ class BackendConnections:
             try:
                 conn = await self._open()
             except (UpstreamConnectError, UpstreamConnectTimeout) as exc:
-                log.debug("pool %s:%s: min_idle connect failed: %s", self.host, self.port, exc)
+                log.debug("%s:%s: min_idle connect failed: %s", self.host, self.port, exc)
                 return
             conn.mark_idle()
             self._in_use.discard(conn)
@@ -374,7 +376,7 @@ class BackendConnections:
         """The proxy sent a request again on a fresh connection after a reused one was found closed."""
         self.stats.replayed += 1
 
-    def close_idle(self, reason: str = "pool_closed") -> int:
+    def close_idle(self, reason: str = "out_of_rotation") -> int:
         """Close every idle connection (backend left rotation). Returns how many."""
         idle, self._idle = self._idle, []
         for conn in idle:
@@ -384,11 +386,11 @@ class BackendConnections:
     def close(self) -> None:
         """Close idle connections now and in-use ones as they are released."""
         self._closed = True
-        self.close_idle()
+        self.close_idle("removed")
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_exception(PoolTimeout(f"pool {self.host}:{self.port} closed"))
+                waiter.set_exception(PoolTimeout(f"connections to {self.host}:{self.port} closed"))
 
     # --- observation ---------------------------------------------------------------------------------
 
@@ -443,7 +445,7 @@ class ConnectionTable:
     def __init__(self, *, reap_interval_s: float = 1.0,
                  connect: Callable[..., Any] = open_connection,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self._pools: dict[str, BackendConnections] = {}
+        self._by_backend: dict[str, BackendConnections] = {}
         self._reap_interval_s = reap_interval_s
         self._connect = connect
         self._clock = clock
@@ -451,64 +453,64 @@ class ConnectionTable:
         self._top_ups: set[asyncio.Task[None]] = set()
 
     def add(self, backend_id: str, host: str, port: int, limits: ConnectionLimits) -> BackendConnections:
-        pool = BackendConnections(host, port, limits, connect=self._connect, clock=self._clock)
-        self._pools[backend_id] = pool
-        return pool
+        conns = BackendConnections(host, port, limits, connect=self._connect, clock=self._clock)
+        self._by_backend[backend_id] = conns
+        return conns
 
     def get(self, backend_id: str) -> BackendConnections | None:
-        return self._pools.get(backend_id)
+        return self._by_backend.get(backend_id)
 
     @property
     def by_id(self) -> dict[str, BackendConnections]:
         """The live mapping (read-only by convention), for the proxy's per-request lookup."""
-        return self._pools
+        return self._by_backend
 
     def items(self) -> list[tuple[str, BackendConnections]]:
-        return list(self._pools.items())
+        return list(self._by_backend.items())
 
     def remove(self, backend_id: str) -> None:
-        pool = self._pools.pop(backend_id, None)
-        if pool is not None:
-            pool.close()
+        conns = self._by_backend.pop(backend_id, None)
+        if conns is not None:
+            conns.close()
 
     def on_readiness(self, backend_id: str, is_ready: bool) -> None:
         """Registry listener: a backend that leaves rotation has its idle connections closed;
         one that joins gets its ``min_idle`` connections opened ahead of demand."""
-        pool = self._pools.get(backend_id)
-        if pool is None:
+        conns = self._by_backend.get(backend_id)
+        if conns is None:
             return
-        pool.accepting = is_ready
+        conns.accepting = is_ready
         if not is_ready:
-            closed = pool.close_idle("pool_closed")
+            closed = conns.close_idle("out_of_rotation")
             if closed:
                 log.debug("backend %s left rotation: closed %d idle connections", backend_id, closed)
-        elif pool.missing_idle():
-            self._spawn_top_up(pool)
+        elif conns.missing_idle():
+            self._spawn_top_up(conns)
 
-    def _spawn_top_up(self, pool: BackendConnections) -> None:
-        task = asyncio.get_running_loop().create_task(pool.top_up())
+    def _spawn_top_up(self, conns: BackendConnections) -> None:
+        task = asyncio.get_running_loop().create_task(conns.top_up())
         self._top_ups.add(task)
         task.add_done_callback(self._top_ups.discard)
 
     def start(self) -> None:
-        self._reaper = asyncio.get_running_loop().create_task(self._reap_forever(), name="pool-reaper")
+        self._reaper = asyncio.get_running_loop().create_task(self._reap_forever(), name="connection-reaper")
 
     async def _reap_forever(self) -> None:
         while True:
             await asyncio.sleep(self._reap_interval_s)
-            for pool in self._pools.values():
-                pool.run_reaper()
-                if pool.missing_idle() and not self._top_ups:
-                    self._spawn_top_up(pool)
+            for conns in self._by_backend.values():
+                conns.run_reaper()
+                if conns.missing_idle() and not self._top_ups:
+                    self._spawn_top_up(conns)
 
     async def aclose(self) -> None:
-        """Stop the reaper and close every pool's connections."""
+        """Stop the reaper and close every backend's connections."""
         tasks = [t for t in (self._reaper, *self._top_ups) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for pool in self._pools.values():
-            pool.close()
+        for conns in self._by_backend.values():
+            conns.close()
 
     def __repr__(self) -> str:
-        return f"<ConnectionTable {len(self._pools)} backends>"
+        return f"<ConnectionTable {len(self._by_backend)} backends>"

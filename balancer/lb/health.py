@@ -15,7 +15,7 @@ Probes run on their own connections (an aiohttp session with ``force_close``), n
 data-plane pool, with jitter so backends are not probed in lockstep. While a backend is starting or
 down, it is probed more often (``fast_interval``), so it comes back quickly.
 
-When a passive ejection ends (:mod:`balancer.passive`), :meth:`HealthChecker.require_rise` marks the
+When a passive ejection ends (:mod:`.passive`), :meth:`HealthChecker.require_rise` marks the
 backend unhealthy and not fresh, so it returns only after ``rise`` passing checks.
 
 :class:`SlowStart` ramps a readmitted backend's ``effective_weight`` from 10 % to 100 % of its weight
@@ -32,28 +32,22 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import aiohttp
 
+from ..config.models import HealthConfig
 from .registry import Backend, BackendSet, Registry
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class HealthPolicy:
-    path: str = "/health"
-    interval_s: float = 2.0
-    timeout_s: float = 1.0
-    rise: int = 2
-    fall: int = 3
-    expect: tuple[int, int] = (200, 399)
-    jitter: float = 0.1            # up to 10 % of the interval
+# Each wait between probes is longer by up to this share, so backends are not probed in lockstep.
+JITTER = 0.1
 
-    @property
-    def fast_interval_s(self) -> float:
-        return min(self.interval_s / 4, 0.5)
+
+def fast_interval_s(policy: HealthConfig) -> float:
+    """The probe interval while a backend is starting or coming back (see the module docstring)."""
+    return min(policy.interval_s / 4, 0.5)
 
 
 class HealthTracker:
@@ -116,7 +110,7 @@ class HealthTracker:
                 f"fails={self.fails} rise={self.rise} fall={self.fall}{' fresh' if self.fresh else ''}>")
 
 
-Probe = Callable[[Backend, HealthPolicy], "asyncio.Future[tuple[bool, str]] | object"]
+Probe = Callable[[Backend, HealthConfig], "asyncio.Future[tuple[bool, str]] | object"]
 
 
 class HealthChecker:
@@ -125,11 +119,11 @@ class HealthChecker:
     def __init__(self, registry: Registry, *, rand: Callable[[], float] = random.random) -> None:
         self.registry = registry
         self._rand = rand
-        self._checks: dict[str, tuple[Backend, HealthPolicy, HealthTracker, asyncio.Event]] = {}
+        self._checks: dict[str, tuple[Backend, HealthConfig, HealthTracker, asyncio.Event]] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._session: aiohttp.ClientSession | None = None
 
-    def add(self, backend: Backend, policy: HealthPolicy, *, start_healthy: bool = False) -> None:
+    def add(self, backend: Backend, policy: HealthConfig, *, start_healthy: bool = False) -> None:
         """Check ``backend`` from now on. Spawned workers start unhealthy (gated on their first
         pass); external servers start healthy, as in HAProxy, and are ejected after ``fall``."""
         tracker = HealthTracker(policy.rise, policy.fall, healthy=start_healthy)
@@ -147,7 +141,7 @@ class HealthChecker:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
-    def set_policy(self, backend: Backend, policy: HealthPolicy) -> None:
+    def set_policy(self, backend: Backend, policy: HealthConfig) -> None:
         """New check settings (reload); the backend keeps its current health and counters."""
         entry = self._checks.get(backend.id)
         if entry is None:
@@ -164,7 +158,7 @@ class HealthChecker:
     def is_checked(self, backend: Backend) -> bool:
         return backend.id in self._checks
 
-    def policy(self, backend: Backend) -> HealthPolicy:
+    def policy(self, backend: Backend) -> HealthConfig:
         return self._checks[backend.id][1]
 
     def require_rise(self, backend: Backend, reason: str) -> bool:
@@ -218,12 +212,12 @@ class HealthChecker:
                 flip = tracker.record(ok)
                 if flip is not None:
                     self._report(backend, flip, reason)
-            interval = policy.interval_s if tracker.is_settled else policy.fast_interval_s
+            interval = policy.interval_s if tracker.is_settled else fast_interval_s(policy)
             if tracker.fresh:
                 interval = min(interval, 0.1)  # a starting worker: admit it as soon as it answers
             wake.clear()
             try:
-                async with asyncio.timeout(interval * (1.0 + policy.jitter * self._rand())):
+                async with asyncio.timeout(interval * (1.0 + JITTER * self._rand())):
                     await wake.wait()
             except TimeoutError:
                 pass
@@ -236,7 +230,7 @@ class HealthChecker:
             log.warning("backend %s is down: health check failed (%s)", backend.id, reason)
             self.registry.set_healthy(backend, False, f"health: {reason}")
 
-    async def probe(self, backend: Backend, policy: HealthPolicy) -> tuple[bool, str]:
+    async def probe(self, backend: Backend, policy: HealthConfig) -> tuple[bool, str]:
         """One check: (passed, reason). Reason is the status, 'timeout' or the connect error."""
         assert self._session is not None
         url = f"http://{backend.address}{policy.path}"

@@ -9,8 +9,8 @@ enabled``, widened by what a supervisor, live traffic and an operator add):
 
 * ``alive``   -- owned by the supervisor: the worker process is running and accepts connections
                  (always true for an external ``host:port`` server);
-* ``healthy`` -- owned by active health checks (:mod:`balancer.health`);
-* ``ejected`` -- owned by passive health (:mod:`balancer.passive`): too many failures in live traffic;
+* ``healthy`` -- owned by active health checks (:mod:`.health`);
+* ``ejected`` -- owned by passive health (:mod:`.passive`): too many failures in live traffic;
                  a flag of its own so that passing probes cannot readmit the backend early;
 * ``admin``   -- owned by the operator: ENABLED, DRAINING (no new requests, in-flight ones finish) or
                  DISABLED;
@@ -62,7 +62,7 @@ class Backend:
     admin: AdminState = AdminState.ENABLED
     ejected: bool = False
     in_flight: int = 0
-    remote_in_flight: int = 0       # in other proxy processes (workers > 1), as they last reported
+    remote_in_flight: int = 0       # in other proxy processes (processes > 1), as they last reported
     # Why the backend is not ready, for logs and stats ("process exited", "health: 503", ...).
     reason: str = ""
     # The weight pickers use: ``weight``, or less while ramping up after readmission (slow start).

@@ -7,7 +7,7 @@ Each worker slot (``web/1`` .. ``web/N``) is driven by one task that loops::
     spawn -> wait until it accepts on its port -> alive -> await process exit -> not alive
           -> classify the exit -> back off (or quarantine) -> spawn again
 
-*Liveness* is this module's business; *readiness* (health checks passing) is :mod:`balancer.health`'s.
+*Liveness* is this module's business; *readiness* (health checks passing) is :mod:`.health`'s.
 The task awaits the process object, so an exit is seen in the event-loop turn the child watcher reports
 it, and the backend leaves rotation at once through ``Registry.set_alive``; nothing polls.
 
@@ -37,6 +37,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
+from ..config.models import SpawnConfig
 from .registry import Backend, Registry
 
 log = logging.getLogger(__name__)
@@ -77,15 +78,10 @@ class RestartPolicy:
 
 @dataclass(frozen=True, slots=True)
 class WorkerSpec:
-    """How to start the workers of one pool."""
+    """How to start the workers of one pool: its ``spawn`` section, as configured."""
 
     pool: str
-    command: tuple[str, ...]
-    count: int
-    env: tuple[tuple[str, str], ...] = ()
-    cwd: str | None = None
-    start_timeout_s: float = 10.0
-    keepalive_timeout_s: float = 75.0
+    spawn: SpawnConfig
     host: str = "127.0.0.1"
 
 
@@ -164,7 +160,7 @@ class Supervisor:
     """Runs the worker slots of every spawn pool. Owner calls ``start`` then ``aclose``.
 
     Slots can be added and retired while running (reload, rolling restart); ``added_listeners`` and
-    ``removed_listeners`` tell the owner so it can give a new backend its connection pool and health
+    ``removed_listeners`` tell the owner so it can give a new backend its connections and health
     checks, and take them away again. Slot numbers only grow: a replacement of ``web/1`` is
     ``web/5``, so logs and stats never confuse two processes.
     """
@@ -187,7 +183,7 @@ class Supervisor:
         self.removed_listeners: list[Callable[[Backend], None]] = []
         for spec in specs:
             self.specs[spec.pool] = spec
-            for _ in range(spec.count):
+            for _ in range(spec.spawn.count):
                 self._new_slot(spec)
 
     def _new_slot(self, spec: WorkerSpec) -> Worker:
@@ -216,7 +212,7 @@ class Supervisor:
                                                                      name=f"worker {worker.id}")
 
     async def _wait_started(self, workers: Sequence[Worker]) -> None:
-        deadline = max(w.spec.start_timeout_s for w in workers) + 1.0
+        deadline = max(w.spec.spawn.start_timeout_s for w in workers) + 1.0
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(deadline):
                 await asyncio.gather(*(w.ready_event.wait() for w in workers))
@@ -226,7 +222,7 @@ class Supervisor:
     def add_pool(self, spec: WorkerSpec) -> None:
         """A spawn pool added by a reload: remember its spec and start its workers."""
         self.specs[spec.pool] = spec
-        for _ in range(spec.count):
+        for _ in range(spec.spawn.count):
             self.add_worker(spec)
 
     def forget_pool(self, pool: str) -> None:
@@ -268,7 +264,7 @@ class Supervisor:
                       drain: Callable[[Backend], Awaitable[object]], stop_timeout: float) -> int:
         """Surge-then-drain: for each old worker, start a new one from ``spec``, wait until it is
         ready (process up and health passed), then drain and retire the old one. The pool never has
-        fewer ready workers than before. Then grow or shrink to ``spec.count``. Returns how many
+        fewer ready workers than before. Then grow or shrink to ``spec.spawn.count``. Returns how many
         workers were started. A new worker that does not become ready stops the rollout (the old
         ones stay)."""
         old = self.pool_workers(pool)
@@ -288,13 +284,13 @@ class Supervisor:
 
     async def scale(self, pool: str, spec: WorkerSpec, *, ready_timeout: float,
                     drain: Callable[[Backend], Awaitable[object]], stop_timeout: float) -> int:
-        """Add or retire (drained, newest first) workers until the pool has ``spec.count``."""
+        """Add or retire (drained, newest first) workers until the pool has ``spec.spawn.count``."""
         self.specs[pool] = spec
         current = self.pool_workers(pool)
-        added = [self.add_worker(spec) for _ in range(spec.count - len(current))]
+        added = [self.add_worker(spec) for _ in range(spec.spawn.count - len(current))]
         for worker in added:
             await self._wait_ready(worker, ready_timeout)
-        for worker in reversed(current[spec.count:]):
+        for worker in reversed(current[spec.spawn.count:]):
             await drain(worker.backend)
             await self.retire(worker, stop_timeout)
         return len(added)
@@ -339,16 +335,16 @@ class Supervisor:
     async def _spawn(self, worker: Worker) -> bool:
         """Start the process and wait until it accepts connections. False if it never did."""
         spec, backend = worker.spec, worker.backend
-        argv = build_command(spec.command, backend.port, worker.id)
-        env = {**os.environ, **dict(spec.env),
+        argv = build_command(spec.spawn.command, backend.port, worker.id)
+        env = {**os.environ, **dict(spec.spawn.env),
                "BALANCER_PORT": str(backend.port), "BALANCER_HOST": backend.host,
                "BALANCER_WORKER_ID": worker.id, "BALANCER_PARENT_PID": str(os.getpid()),
-               "BALANCER_KEEPALIVE_TIMEOUT": f"{spec.keepalive_timeout_s:g}"}
+               "BALANCER_KEEPALIVE_TIMEOUT": f"{spec.spawn.keepalive_timeout_s:g}"}
         worker.state = WorkerState.STARTING
         worker.next_start_at = None
         try:
             process = await asyncio.create_subprocess_exec(
-                *argv, env=env, cwd=spec.cwd, stdin=asyncio.subprocess.DEVNULL,
+                *argv, env=env, cwd=spec.spawn.cwd, stdin=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE, preexec_fn=child_setup)
         except OSError as exc:
             worker.last_exit = f"could not start {argv[0]!r}: {exc.strerror or exc}"
@@ -368,8 +364,8 @@ class Supervisor:
             return True
         # It never accepted: it exited, or hung past the start timeout.
         if process.returncode is None:
-            await self._terminate(process, spec.start_timeout_s)
-            cause = f"did not accept connections within {spec.start_timeout_s:g}s"
+            await self._terminate(process, spec.spawn.start_timeout_s)
+            cause = f"did not accept connections within {spec.spawn.start_timeout_s:g}s"
         else:
             cause = describe_exit(process.returncode)
         await asyncio.wait([pump], timeout=1.0)
@@ -381,7 +377,7 @@ class Supervisor:
 
     async def _wait_accepting(self, worker: Worker, process: asyncio.subprocess.Process) -> bool:
         """Poll-connect the worker's port until it accepts, it exits, or the start timeout passes."""
-        deadline = self._clock() + worker.spec.start_timeout_s
+        deadline = self._clock() + worker.spec.spawn.start_timeout_s
         exited = asyncio.ensure_future(process.wait())
         try:
             delay = 0.01

@@ -1,14 +1,15 @@
 """``GET /metrics``: the Prometheus exposition, built by prometheus-client at scrape time.
 
 Nothing here runs per request. The request counters and histograms are the cumulative cells that
-:class:`balancer.stats.Traffic` already keeps (updating prometheus-client's own ``Counter`` and
+:class:`.stats.Traffic` already keeps (updating prometheus-client's own ``Counter`` and
 ``Histogram`` objects as well would cost about 2 µs per request, most of a small request's budget);
-gauges are read from the registry, the connection pools and the supervisor when Prometheus scrapes.
+gauges are read from the registry, the backend connections and the supervisor when Prometheus
+scrapes.
 
-Each :class:`~balancer.app.Balancer` has its own ``CollectorRegistry``, never the process-wide default,
-so several balancers can live in one process (tests do). Label values are configured names (pools,
-routes, backend ids, worker ids) and fixed vocabularies (status classes, error kinds, connection states,
-close reasons), so cardinality is bounded by the configuration.
+Each :class:`~balancer.control.balancer.Balancer` has its own ``CollectorRegistry``, never the
+process-wide default, so several balancers can live in one process (tests do). Label values are
+configured names (pools, routes, backend ids, worker ids) and fixed vocabularies (status classes,
+error kinds, connection states, close reasons), so cardinality is bounded by the configuration.
 """
 
 from __future__ import annotations

@@ -7,11 +7,11 @@ the entry is formatted only when someone reads the log.
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from typing import Any
 
 from ..dataplane.record import RequestRecord
+from .units import iso_utc, ms
 
 MAX_TARGET = 1024     # characters of the request target shown
 
@@ -63,23 +63,17 @@ def entry(entry_id: int, r: RequestRecord) -> dict[str, Any]:
     upstream_s = max(r.ttfb_s - r.queue_s - r.connect_s, 0.0) if r.ttfb_s else 0.0
     return {
         "id": entry_id,
-        "time": _iso(r.wall),
-        "duration_ms": _ms(r.total_s),
+        "time": iso_utc(r.wall),
+        "duration_ms": ms(r.total_s),
         "method": r.method,
         "path": r.target[:MAX_TARGET].decode("utf-8", "backslashreplace"),
         "route": r.route, "pool": r.pool, "backend": r.backend,
         "status": r.status, "upstream_status": r.upstream_status,
         "attempts": r.attempts, "error": r.error,
-        "queue_ms": _ms(r.queue_s), "connect_ms": _ms(r.connect_s), "upstream_ms": _ms(upstream_s),
-        "ttfb_ms": _ms(r.ttfb_s), "transfer_ms": _ms(r.total_s - r.ttfb_s) if r.ttfb_s else 0.0,
+        "queue_ms": ms(r.queue_s), "connect_ms": ms(r.connect_s), "upstream_ms": ms(upstream_s),
+        "ttfb_ms": ms(r.ttfb_s), "transfer_ms": ms(r.total_s - r.ttfb_s) if r.ttfb_s else 0.0,
         "bytes_in": r.bytes_in, "bytes_out": r.bytes_out,
         "request_id": r.request_id.decode("latin-1"), "client": r.client,
     }
 
 
-def _ms(seconds: float) -> float:
-    return round(seconds * 1000, 3)
-
-
-def _iso(wall: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(wall)) + f".{int(wall % 1 * 1000):03d}Z"

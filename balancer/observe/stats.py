@@ -38,6 +38,7 @@ from typing import Any
 
 from ..dataplane.record import RequestRecord
 from ..lb.registry import Backend
+from .units import ms
 
 # Prometheus histogram bounds (seconds); the last bucket is +Inf.
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -318,7 +319,7 @@ class Traffic:
             acc = merged.get(sec)
             requests.append(acc.count if acc else 0)
             failures.append(acc.failed if acc else 0)
-            p99.append(_ms(percentile(acc.hist, acc.count, 0.99)) if acc else None)
+            p99.append(ms(percentile(acc.hist, acc.count, 0.99)) if acc else None)
         return {"requests": requests, "failed": failures, "p99_ms": p99}
 
     def started_sec(self) -> int:
@@ -353,13 +354,10 @@ def summarize(hist: dict[int, int], count: int, failed: int, total_s: float, max
               covered_s: float) -> dict[str, Any]:
     out: dict[str, Any] = {"count": count, "rps": round(count / covered_s, 3), "failed": failed,
                            "error_rate": round(failed / count, 4) if count else 0.0,
-                           "mean_ms": _ms(total_s / count) if count else None}
+                           "mean_ms": ms(total_s / count) if count else None}
     for name, q in PERCENTILES:
         # A bucket's upper bound can exceed the largest value seen; never report more than that.
-        out[f"{name}_ms"] = _ms(min(percentile(hist, count, q), max_s)) if count else None
-    out["max_ms"] = _ms(max_s) if count else None
+        out[f"{name}_ms"] = ms(min(percentile(hist, count, q), max_s)) if count else None
+    out["max_ms"] = ms(max_s) if count else None
     return out
 
-
-def _ms(seconds: float) -> float:
-    return round(seconds * 1000, 3)

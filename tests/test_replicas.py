@@ -1,4 +1,4 @@
-"""`workers: N`: several proxy processes on one port, one state (the main process's), one set of stats."""
+"""`processes: N`: several proxy processes on one port, one state (the main process's), one set of stats."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from tests.conftest import pid_alive, wait_until
 CONFIG = """
 listen: {host: 127.0.0.1, port: 0}
 admin: {host: 127.0.0.1, port: 0}
-workers: 2
+processes: 2
 pools:
   web:
     spawn: {command: [python, -m, backends], count: 2}
