@@ -520,6 +520,22 @@ _SCHEMAS: dict[type, Schema] = {
 }
 
 
+def config_keys() -> list[str]:
+    """Every key a config file may hold, as dotted paths in the README's notation: ``NAME`` for a
+    pool's name, ``[]`` for a list item (``pools.NAME.servers[].weight``). Driven by the same schema
+    tables as parsing, so the README's reference can be checked against it."""
+    nested = {"listen": _LISTEN, "admin": _ADMIN, "log": _LOG, "shutdown": _SHUTDOWN, "limits": _LIMITS,
+              "timeouts": _CLIENT_TIMEOUTS, "pools.NAME": _POOL, "routes[]": _ROUTE,
+              "pools.NAME.spawn": _SPAWN, "pools.NAME.servers[]": _SERVER, "pools.NAME.health": _HEALTH,
+              "pools.NAME.timeouts": _TIMEOUTS, "pools.NAME.connections": _CONNECTIONS,
+              "pools.NAME.passive": _PASSIVE}
+    keys = [key for key in _CONFIG if key not in ("pools", "routes") and key not in nested]
+    for prefix, schema in nested.items():
+        keys += [f"{prefix}.{key}" for key in schema
+                 if f"{prefix}.{key}" not in nested and f"{prefix}.{key}[]" not in nested]
+    return keys
+
+
 # --- dumping ---------------------------------------------------------------------------------------------
 
 

@@ -102,7 +102,7 @@ class Admin:
             state_of=self.state_of, started_at=balancer.started_at,
             config_sha256=balancer.config.text_hash, extra=self._extra_metrics))
         self._dashboard: bytes | None = None
-        self._pool_baselines: dict[str, dict[str, Any]] = {}
+        self._connection_baselines: dict[str, dict[str, Any]] = {}
 
     def application(self) -> web.Application:
         app = web.Application(middlewares=[self._auth])
@@ -202,8 +202,8 @@ class Admin:
     async def backend_stats(self, request: web.Request) -> web.Response:
         backend = self._find(request)
         data = self.backend_snapshot(backend)
-        pool = self.balancer.connections.get(backend.id)
-        data["connections"] = pool.connections() if pool is not None else []
+        conns = self.balancer.connections.get(backend.id)
+        data["connections"] = conns.connections() if conns is not None else []
         return web.json_response(data)
 
     async def metrics_page(self, request: web.Request) -> web.Response:
@@ -286,8 +286,8 @@ class Admin:
         report: dict[str, Any] = {"drained": backend.in_flight == 0, "waited_s": round(waited, 3),
                                   "in_flight": backend.in_flight}
         if backend.in_flight:
-            pool = self.balancer.connections.get(backend.id)
-            report["busy_connections"] = [c for c in (pool.connections() if pool else [])
+            conns = self.balancer.connections.get(backend.id)
+            report["busy_connections"] = [c for c in (conns.connections() if conns else [])
                                           if c.get("state") != "idle"]
             log.warning("drain of %s: %d requests still in flight after %.1fs", backend.id,
                         backend.in_flight, waited)
@@ -303,16 +303,16 @@ class Admin:
     # --- views -----------------------------------------------------------------------------------------
 
     def reset(self) -> None:
-        """``POST /stats/reset``: counters, windows, slow log and connection-pool counters start over.
+        """``POST /stats/reset``: counters, windows, slow log and backend connection counters start over.
         Prometheus counters are not reset (they must never go backwards): the views subtract a baseline.
         """
         self.traffic.reset()
         self.slowlog.reset()
-        self._pool_baselines = {backend_id: pool.snapshot() for backend_id, pool in
-                                self.balancer.connections.items()}
+        self._connection_baselines = {backend_id: conns.snapshot() for backend_id, conns in
+                                      self.balancer.connections.items()}
 
     def backend_snapshot(self, backend: Backend) -> dict[str, Any]:
-        pool = self.balancer.connections.get(backend.id)
+        conns = self.balancer.connections.get(backend.id)
         state = self.state_of(backend)
         since = self.traffic.states.note(backend.id, state)
         traffic = self.traffic
@@ -330,7 +330,9 @@ class Admin:
         data.update(traffic.counters(traffic.keys(backend.pool, backend.id)))
         window = traffic.windows.get(key)
         data["latency"] = traffic.latency([window] if window is not None else [])
-        data["pool"] = self._pool_view(backend.id, pool.snapshot()) if pool is not None else None
+        # "pool" here is the backend's connection figures: the key predates the word's one meaning,
+        # and scripts read it.
+        data["pool"] = self._connection_view(backend.id, conns.snapshot()) if conns is not None else None
         worker = self._workers.get(backend.id)
         if worker is not None:
             data["worker"] = worker.info()
@@ -376,10 +378,10 @@ class Admin:
                          for b in self.balancer.registry.backends()},
         }
 
-    def _pool_view(self, backend_id: str, snap: dict[str, Any]) -> dict[str, Any]:
+    def _connection_view(self, backend_id: str, snap: dict[str, Any]) -> dict[str, Any]:
         """The pool's snapshot with its counters counted from the last reset (``wait_max_s``: since
         start; gauges as they are)."""
-        base = self._pool_baselines.get(backend_id)
+        base = self._connection_baselines.get(backend_id)
         if base is None:
             return snap
         for key in ("created", "reused", "replayed", "acquires", "waits"):

@@ -148,10 +148,10 @@ class BalancerCollector(Collector):
         closed = CounterMetricFamily("balancer_backend_connections_closed", "Upstream connections closed",
                                      labels=["pool", "backend", "reason"])
         pools = {b.id: b.pool for b in self.registry.backends()}
-        for backend_id, pool in self.connections.items():
+        for backend_id, backend_conns in self.connections.items():
             name = pools.get(backend_id, backend_id.partition("/")[0])
             labels = [name, backend_id]
-            snap = pool.snapshot()
+            snap = backend_conns.snapshot()
             for s in CONNECTION_STATES:
                 conns.add_metric([*labels, s], snap[s])
             waiting.add_metric(labels, snap["waiting"])
