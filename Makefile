@@ -26,7 +26,7 @@ NATIVE   := .venv-native
 NBIN     := $(NATIVE)/bin
 MYPYC    := mypy==2.4.1 types-PyYAML>=6 setuptools>=77
 
-$(NATIVE)/.installed: pyproject.toml setup.py $(wildcard balancer/*.py balancer/dataplane/*.py balancer/static/* backends/*.py)
+$(NATIVE)/.installed: pyproject.toml setup.py $(wildcard balancer/*.py balancer/*/*.py balancer/static/* backends/*.py)
 	test -x $(NBIN)/python || $(PYTHON) -m venv $(NATIVE)
 	$(NBIN)/python -m pip install -q --upgrade pip
 	$(NBIN)/python -m pip install -q $(foreach r,$(MYPYC),'$(r)')
