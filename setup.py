@@ -22,6 +22,8 @@ COMPILED = [
     "balancer/dataplane/proxy.py",
     "balancer/dataplane/record.py",
     "balancer/dataplane/routing.py",
+    "balancer/dataplane/throttledlog.py",
+    "balancer/dataplane/tls.py",
     "balancer/dataplane/tunnel.py",
     "balancer/dataplane/upstream.py",
     # balancer/lb/: the parts of balancing policy each request consults or tells.

@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     replica = sub.add_parser("_replica")          # internal: a proxy process of `processes: N`
     replica.add_argument("-c", "--config", required=True)
     replica.add_argument("--fd", type=int, required=True)
-    replica.add_argument("--port", type=int, required=True)
+    replica.add_argument("--ports", type=lambda text: tuple(int(p) for p in text.split(",")), required=True)
     replica.add_argument("--index", type=int, required=True)
     return parser
 
@@ -155,7 +155,7 @@ def _replica(args: argparse.Namespace) -> int:
 
     from .control.balancer import Balancer
     from .control.replicas import run_replica
-    uvloop.run(run_replica(Balancer, config, args.fd, args.port, args.index))
+    uvloop.run(run_replica(Balancer, config, args.fd, args.ports, args.index))
     return EXIT_OK
 
 

@@ -21,7 +21,7 @@ TEXT_LINE = re.compile(
     r'"(?P<referer>[^"]*)" "(?P<agent>[^"]*)" rid=(?P<rid>\S+) '
     r"route=(?P<route>\S+) pool=(?P<pool>\S+) backend=(?P<backend>\S+) upstream_status=(?P<us>\S+) "
     r"attempts=(?P<attempts>\d+) queue_ms=[\d.]+ connect_ms=[\d.]+ ttfb_ms=[\d.]+ "
-    r"total_ms=(?P<total>[\d.]+) error=(?P<error>\S+)$")
+    r"total_ms=(?P<total>[\d.]+) error=(?P<error>\S+) listener=(?P<listener>\S+)$")
 
 
 def sample_record() -> RequestRecord:

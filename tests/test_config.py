@@ -50,7 +50,7 @@ def error_of(text: str, environ: dict[str, str] | None = None) -> str:
 def test_minimal_file_gets_every_default() -> None:
     """A pool with one server is a whole config; everything else takes its documented default."""
     config = parse(MINIMAL)
-    assert config.listen == ListenConfig(host="127.0.0.1", port=8080)
+    assert config.listen == (ListenConfig(host="127.0.0.1", port=8080),)
     assert config.admin is None
     assert config.processes == 1
     assert (config.log.level, config.log.access_log) == ("info", False)
@@ -104,7 +104,7 @@ routes:
 def test_full_example_sets_every_field() -> None:
     """Every key of the schema lands in its dataclass field, converted (units, lists, case)."""
     config = parse(FULL)
-    assert config.listen == ListenConfig(host="0.0.0.0", port=0)
+    assert config.listen == (ListenConfig(host="0.0.0.0", port=0),)
     assert config.admin == AdminConfig(host="127.0.0.2", port=9991, token="s3cret")
     assert config.processes == 3
     assert (config.log.level, config.log.access_log) == ("debug", True)
@@ -138,7 +138,7 @@ def test_null_means_default() -> None:
         admin: {port: ~}
         pools: {web: {servers: [a:1], health: {rise: null}}}
         """)
-    assert config.listen == ListenConfig()
+    assert config.listen == (ListenConfig(),)
     assert config.admin == AdminConfig()
     health = config.pools["web"].health
     assert health is not None
@@ -148,7 +148,7 @@ def test_null_means_default() -> None:
 def test_default_config_file_is_the_documented_setup() -> None:
     """config/balancer.yaml: 8080 + admin 8081, four spawned `python -m backends`, checks, one route."""
     config = load_config(REPO / DEFAULT_CONFIG_PATH, environ={})
-    assert (config.listen.port, config.admin) == (8080, AdminConfig(host="127.0.0.1", port=8081))
+    assert (config.listen[0].port, config.admin) == (8080, AdminConfig(host="127.0.0.1", port=8081))
     web = config.pools["web"]
     assert web.spawn is not None
     assert web.spawn.command == ("python", "-m", "backends")
@@ -197,7 +197,7 @@ def test_config_is_hashable_and_picklable() -> None:
     pytest.param("pools:\n  web:\n    helth: {}\n",
                  "x.yaml:3: pools.web.helth: unknown key (did you mean 'health'?)", id="unknown-key-close"),
     pytest.param("listen: {zzz: 1}\n" + MINIMAL,
-                 "x.yaml:1: listen.zzz: unknown key (allowed: host, port)", id="unknown-key-far"),
+                 "x.yaml:1: listen.zzz: unknown key (allowed: host, port, name, redirect_https, tls)", id="unknown-key-far"),
     pytest.param("pools:\n  web:\n    servers: [a:1]\nroutes:\n  - path_prefix: /\n    pool: api\n",
                  "x.yaml:6: routes[0].pool: no pool named 'api' (pools: web)", id="missing-pool"),
     pytest.param("pools:\n  web: {balance: p2c}\n",
@@ -355,7 +355,7 @@ pools:
 def test_env_substitution_types_plain_scalars() -> None:
     """A plain `${PORT}` becomes the integer it spells; a default applies when the variable is unset."""
     config = parse(ENV_DOC, {"PORT": "9000", "TOKEN": "t"})
-    assert config.listen == ListenConfig(host="127.0.0.1", port=9000)
+    assert config.listen == (ListenConfig(host="127.0.0.1", port=9000),)
 
 
 def test_env_substitution_keeps_quoted_scalars_strings() -> None:
@@ -363,7 +363,7 @@ def test_env_substitution_keeps_quoted_scalars_strings() -> None:
     config = parse(ENV_DOC, {"PORT": "1", "TOKEN": "12345", "HOST": "0.0.0.0"})
     assert config.admin is not None
     assert config.admin.token == "12345"
-    assert config.listen.host == "0.0.0.0"
+    assert config.listen[0].host == "0.0.0.0"
 
 
 def test_env_substitution_unset_variable_is_located() -> None:
@@ -374,7 +374,7 @@ def test_env_substitution_unset_variable_is_located() -> None:
 
 def test_env_substitution_empty_variable_takes_the_default() -> None:
     """Like the shell's `:-`, a set-but-empty variable also takes the default."""
-    assert parse(ENV_DOC, {"HOST": "", "PORT": "1", "TOKEN": "t"}).listen.host == "127.0.0.1"
+    assert parse(ENV_DOC, {"HOST": "", "PORT": "1", "TOKEN": "t"}).listen[0].host == "127.0.0.1"
 
 
 def test_env_substitution_dollar_dollar_is_literal() -> None:
@@ -389,7 +389,7 @@ def test_env_substitution_cannot_inject_yaml() -> None:
     config = parse("admin:\n  token: ${T}\n" + MINIMAL, {"T": "x\nlisten: {port: 1}"})
     assert config.admin is not None
     assert config.admin.token == "x\nlisten: {port: 1}"
-    assert config.listen.port == 8080
+    assert config.listen[0].port == 8080
 
 
 def test_env_substitution_reaches_spawn_env_and_command() -> None:

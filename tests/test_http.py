@@ -468,15 +468,15 @@ def test_failure_log_is_throttled(caplog: pytest.LogCaptureFixture) -> None:
     """A flood of the same failure logs one line a second per kind, with the count left out."""
     import logging
 
-    from balancer.dataplane.proxy import ThrottledLog
+    from balancer.dataplane.throttledlog import ThrottledLog
     now = [100.0]
     throttled = ThrottledLog(logging.getLogger("balancer.dataplane.proxy"), clock=lambda: now[0])
     with caplog.at_level(logging.WARNING, logger="balancer.dataplane.proxy"):
         for _ in range(50):
-            throttled.warning("no_backend", "503 %s", "x")
-        throttled.warning("connect_error", "502 %s", "y")
+            throttled.log("no_backend", "503 %s", "x")
+        throttled.log("connect_error", "502 %s", "y")
         now[0] += 1.5
-        throttled.warning("no_backend", "503 %s", "x")
+        throttled.log("no_backend", "503 %s", "x")
     lines = [r.getMessage() for r in caplog.records]
     assert lines == ["503 x", "502 y", "503 x (and 49 more like it in the last second)"]
 

@@ -35,8 +35,10 @@ from typing import Any, TypeGuard
 import yaml
 
 from ..errors import ConfigError
+from .certificates import check_ca_file, expires_soon, inspect_certificate
 from .models import (
     AdminConfig,
+    CertificateConfig,
     ClientTimeoutsConfig,
     Config,
     ConnectionsConfig,
@@ -49,9 +51,11 @@ from .models import (
     PoolMap,
     RouteConfig,
     ServerConfig,
+    ServerTLSConfig,
     ShutdownConfig,
     SpawnConfig,
     TimeoutsConfig,
+    UpstreamTLSConfig,
 )
 from .yamlread import NULL_TAG, Converter, Loader, Reader, Schema, T, join_path, show
 
@@ -186,9 +190,10 @@ def _scalar(check: Callable[[Any], T]) -> Callable[[Reader, yaml.Node, str], T]:
     return convert
 
 
-def _section(cls: Callable[..., T], schema: Schema) -> Callable[[Reader, yaml.Node, str], T]:
+def _section(cls: Callable[..., T], schema: Schema,
+             required: tuple[str, ...] = ()) -> Callable[[Reader, yaml.Node, str], T]:
     def convert(reader: Reader, node: yaml.Node, path: str) -> T:
-        return cls(**reader.fields(node, path, schema))
+        return cls(**reader.fields(node, path, schema, required))
     return convert
 
 
@@ -418,6 +423,74 @@ def _pool(reader: Reader, name: str, key_node: yaml.Node, node: yaml.Node, path:
     return pool
 
 
+def _listen(reader: Reader, node: yaml.Node, path: str) -> tuple[ListenConfig, ...]:
+    """One listener (a mapping) or several (a list of them)."""
+    if not isinstance(node, yaml.SequenceNode):
+        return (ListenConfig(**reader.fields(node, path, _LISTEN)),)
+    items = reader.items(node, path)
+    if not items:
+        raise reader.error("no listeners: give at least one", node, path)
+    listeners: list[ListenConfig] = []
+    for item, where in items:
+        listener = ListenConfig(**reader.fields(item, where, _LISTEN))
+        for other in listeners:
+            if listener.port and (listener.host, listener.port) == (other.host, other.port):
+                raise reader.error(f"{listener.host}:{listener.port} is listed twice", item, where)
+            if listener.label == other.label:
+                raise reader.error(f"two listeners named {listener.label!r}", item, where)
+        if listener.tls is not None and listener.redirect_https is not None:
+            raise reader.error("a TLS listener cannot redirect to HTTPS: it is HTTPS", item, where)
+        listeners.append(listener)
+    return tuple(listeners)
+
+
+def _base_dir(reader: Reader) -> str:
+    """Relative paths in a config file are taken from the file's folder."""
+    return os.path.dirname(os.path.abspath(reader.source)) if os.path.isfile(reader.source) else os.getcwd()
+
+
+def _file_path(reader: Reader, node: yaml.Node, path: str) -> str:
+    return os.path.join(_base_dir(reader), _STRING(reader, node, path))
+
+
+def _certificates(reader: Reader, node: yaml.Node, path: str) -> tuple[CertificateConfig, ...]:
+    items = reader.items(node, path)
+    if not items:
+        raise reader.error("no certificates: give at least one {cert: FILE, key: FILE}", node, path)
+    certificates = []
+    for item, where in items:
+        fields = reader.fields(item, where, _CERTIFICATE, required=("cert", "key"))
+        try:
+            info = inspect_certificate(fields["cert"], fields["key"])
+        except ConfigError as exc:
+            raise reader.error(exc.reason, item, where) from None
+        if expires_soon(info):
+            log.warning("%s:%d: %s: the certificate in %s expires on %s UTC", reader.source,
+                        item.start_mark.line + 1, where, fields["cert"], f"{info.not_after:%Y-%m-%d %H:%M}")
+        certificates.append(CertificateConfig(names=info.names, **fields))
+    return tuple(certificates)
+
+
+def _tls_version_value(value: object) -> str:
+    text = f"{value:.1f}" if isinstance(value, float) else value   # `1.2` unquoted reads as a number
+    if text in ("1.2", "1.3"):
+        return str(text)
+    raise ConfigError(f"expected \"1.2\" or \"1.3\", got {show(value)}")
+
+
+def _strings(reader: Reader, node: yaml.Node, path: str) -> tuple[str, ...]:
+    return tuple(_STRING(reader, item, where) for item, where in reader.items(node, path))
+
+
+def _ca_file(reader: Reader, node: yaml.Node, path: str) -> str:
+    ca = _file_path(reader, node, path)
+    try:
+        check_ca_file(ca)
+    except ConfigError as exc:
+        raise reader.error(exc.reason, node, path) from None
+    return ca
+
+
 def _route_pool(reader: Reader, node: yaml.Node, path: str) -> str:
     name = _STRING(reader, node, path)
     if name not in reader.pool_names:
@@ -443,8 +516,18 @@ def _routes(reader: Reader, node: yaml.Node, path: str) -> tuple[RouteConfig, ..
 # These YAML names are a public interface. Dict order is conversion order (hence `pools` before
 # `routes`) and the key order of `dump_effective`.
 
-_LISTEN: Schema = {"host": ("host", _STRING), "port": ("port", _integer(0, 65535))}
-_ADMIN: Schema = {**_LISTEN, "token": ("token", _STRING),  # same checks, AdminConfig's defaults
+_HOST_PORT: Schema = {"host": ("host", _STRING), "port": ("port", _integer(0, 65535))}
+_CERTIFICATE: Schema = {"cert": ("cert", _file_path), "key": ("key", _file_path)}
+_SERVER_TLS: Schema = {"certificates": ("certificates", _certificates),
+                       "min_version": ("min_version", _scalar(_tls_version_value)),
+                       "alpn": ("alpn", _strings)}
+_LISTEN: Schema = {**_HOST_PORT, "name": ("name", _STRING),
+                   "redirect_https": ("redirect_https", _integer(1, 65535)),
+                   "tls": ("tls", _section(ServerTLSConfig, _SERVER_TLS, required=("certificates",)))}
+_UPSTREAM_TLS: Schema = {"enabled": ("enabled", _scalar(_boolean_value)),
+                         "verify": ("verify", _scalar(_boolean_value)),
+                         "ca": ("ca", _ca_file), "server_name": ("server_name", _hostname)}
+_ADMIN: Schema = {**_HOST_PORT, "token": ("token", _STRING),  # same checks, AdminConfig's defaults
                   "slowlog_threshold": ("slowlog_threshold_s", _duration()),
                   "slowlog_size": ("slowlog_size", _integer(1, 100000))}
 _LOG: Schema = {"level": ("level", _choice(*LOG_LEVELS)),
@@ -500,11 +583,12 @@ _POOL: Schema = {
     "timeouts": ("timeouts", _section(TimeoutsConfig, _TIMEOUTS)),
     "connections": ("connections", _connections), "retries": ("retries", _integer(0, 10)),
     "passive": ("passive", _section(PassiveConfig, _PASSIVE)), "slow_start": ("slow_start_s", _duration()),
+    "tls": ("tls", _section(UpstreamTLSConfig, _UPSTREAM_TLS)),
 }
 _ROUTE: Schema = {"name": ("name", _STRING), "path_prefix": ("path_prefix", _scalar(_url_path_value)),
                   "host": ("host", _hostname), "pool": ("pool", _route_pool)}
 _CONFIG: Schema = {
-    "listen": ("listen", _section(ListenConfig, _LISTEN)), "admin": ("admin", _section(AdminConfig, _ADMIN)),
+    "listen": ("listen", _listen), "admin": ("admin", _section(AdminConfig, _ADMIN)),
     "processes": ("processes", _scalar(_processes_value)), "log": ("log", _section(LogConfig, _LOG)),
     "shutdown": ("shutdown", _section(ShutdownConfig, _SHUTDOWN)),
     "limits": ("limits", _section(LimitsConfig, _LIMITS)),
@@ -513,7 +597,8 @@ _CONFIG: Schema = {
     "pools": ("pools", _pools), "routes": ("routes", _routes),
 }
 _SCHEMAS: dict[type, Schema] = {
-    Config: _CONFIG, ListenConfig: _LISTEN, AdminConfig: _ADMIN, LogConfig: _LOG, ShutdownConfig: _SHUTDOWN,
+    Config: _CONFIG, ListenConfig: _LISTEN, ServerTLSConfig: _SERVER_TLS, CertificateConfig: _CERTIFICATE,
+    UpstreamTLSConfig: _UPSTREAM_TLS, AdminConfig: _ADMIN, LogConfig: _LOG, ShutdownConfig: _SHUTDOWN,
     LimitsConfig: _LIMITS, PoolConfig: _POOL, SpawnConfig: _SPAWN, ServerConfig: _SERVER,
     HealthConfig: _HEALTH, TimeoutsConfig: _TIMEOUTS, ConnectionsConfig: _CONNECTIONS, RouteConfig: _ROUTE,
     ClientTimeoutsConfig: _CLIENT_TIMEOUTS, PassiveConfig: _PASSIVE,
@@ -524,12 +609,15 @@ def config_keys() -> list[str]:
     """Every key a config file may hold, as dotted paths in the README's notation: ``NAME`` for a
     pool's name, ``[]`` for a list item (``pools.NAME.servers[].weight``). Driven by the same schema
     tables as parsing, so the README's reference can be checked against it."""
-    nested = {"listen": _LISTEN, "admin": _ADMIN, "log": _LOG, "shutdown": _SHUTDOWN, "limits": _LIMITS,
+    nested = {"listen[]": _LISTEN, "listen[].tls": _SERVER_TLS, "listen[].tls.certificates[]": _CERTIFICATE,
+              "pools.NAME.tls": _UPSTREAM_TLS, "admin": _ADMIN, "log": _LOG, "shutdown": _SHUTDOWN,
+              "limits": _LIMITS,
               "timeouts": _CLIENT_TIMEOUTS, "pools.NAME": _POOL, "routes[]": _ROUTE,
               "pools.NAME.spawn": _SPAWN, "pools.NAME.servers[]": _SERVER, "pools.NAME.health": _HEALTH,
               "pools.NAME.timeouts": _TIMEOUTS, "pools.NAME.connections": _CONNECTIONS,
               "pools.NAME.passive": _PASSIVE}
-    keys = [key for key in _CONFIG if key not in ("pools", "routes") and key not in nested]
+    keys = [key for key in _CONFIG if key not in ("pools", "routes") and key not in nested
+            and f"{key}[]" not in nested]
     for prefix, schema in nested.items():
         keys += [f"{prefix}.{key}" for key in schema
                  if f"{prefix}.{key}" not in nested and f"{prefix}.{key}[]" not in nested]

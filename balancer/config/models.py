@@ -15,11 +15,51 @@ from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class CertificateConfig:
+    """A certificate file (the chain may follow the certificate) and its private key, as absolute
+    paths (a relative path in the file is taken from the config file's folder). ``names`` are the
+    certificate's DNS names (SAN, else the CN), read when the config was loaded, for SNI."""
+
+    cert: str
+    key: str
+    names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerTLSConfig:
+    """TLS on a listener: ``certificates`` chosen by SNI, the first being the default."""
+
+    certificates: tuple[CertificateConfig, ...]
+    min_version: str = "1.2"
+    alpn: tuple[str, ...] = ("http/1.1",)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ListenConfig:
-    """Where the proxy accepts clients. ``port`` 0 asks the OS for any free port (tests)."""
+    """One address where the proxy accepts clients. ``port`` 0 asks the OS for any free port
+    (tests). ``redirect_https``: every request is answered 308 to ``https://HOST:PORT/target``.
+    ``name`` names it in the access log and ``/stats`` (default ``host:port``)."""
 
     host: str = "127.0.0.1"
     port: int = 8080
+    name: str | None = None
+    redirect_https: int | None = None
+    tls: ServerTLSConfig | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UpstreamTLSConfig:
+    """TLS to a pool's backends: ``verify`` against ``ca`` (a PEM file, absolute path) or the
+    system store; SNI and the verified name are ``server_name``, else the backend's host."""
+
+    enabled: bool = True
+    verify: bool = True
+    ca: str | None = None
+    server_name: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -182,6 +222,7 @@ class PoolConfig:
     retries: int = 2
     passive: PassiveConfig = PassiveConfig()
     slow_start_s: float = 0.0            # readmitted backends ramp from 10% to full weight; 0 = off
+    tls: UpstreamTLSConfig | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -239,7 +280,7 @@ class Config:
 
     source: str = field(default="<string>", compare=False)
     text_hash: str = field(default="", compare=False)
-    listen: ListenConfig = ListenConfig()
+    listen: tuple[ListenConfig, ...] = (ListenConfig(),)
     admin: AdminConfig | None = None
     processes: int = 1             # proxy processes on the data port (the YAML key `workers` is its old name)
     log: LogConfig = LogConfig()

@@ -16,14 +16,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from ..config.load import Config, PoolConfig, load_config
-from ..config.models import ClientTimeoutsConfig, LimitsConfig
+from ..config.models import ClientTimeoutsConfig, LimitsConfig, ListenConfig
 from ..dataplane import compiled
 from ..dataplane.connections import ConnectionTable
 from ..dataplane.frontdoor import FrontDoor
 from ..dataplane.headers import TrustedProxies
-from ..dataplane.listener import Listener
 from ..dataplane.proxy import PoolRuntime, Proxy
 from ..dataplane.record import RequestRecord
+from ..dataplane.tls import ClientTLS, ServerTLS, client_tls
 from ..errors import ConfigError
 from ..lb.health import HealthChecker, SlowStart
 from ..lb.passive import PassiveHealth
@@ -31,6 +31,7 @@ from ..lb.registry import Backend, Registry, wait_drained
 from ..lb.supervisor import RestartPolicy, Supervisor
 from ..observe.accesslog import AccessLog
 from .admin import Admin
+from .listeners import Listeners, load_tls
 from .reload import Reload
 from .replicas import ProxyProcesses
 from .wiring import connection_limits, health_policy, pool_runtime, router_for, worker_spec
@@ -49,7 +50,7 @@ class Balancer:
     config: Config
     restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
     echo_worker_stderr: bool = True
-    listen_port: int | None = None        # overrides listen.port (proxy replicas bind the main's port)
+    listen_ports: tuple[int, ...] | None = None  # override listen[].port (replicas bind the main's ports)
     reuse_port: bool = False              # SO_REUSEPORT on the data port (processes > 1)
     # In a proxy replica: fills new pools with the main process's backends during a reload, before
     # the new routes are switched on.
@@ -58,6 +59,7 @@ class Balancer:
     def __post_init__(self) -> None:
         cfg = self.config
         self.started_at = time.time()
+        self._upstream_tls: dict[str, ClientTLS | None] = {}     # pool name -> TLS to its backends
         self.registry = Registry()
         self.connections = ConnectionTable()
         self.health = HealthChecker(self.registry)
@@ -86,7 +88,7 @@ class Balancer:
         self._reload_lock = asyncio.Lock()
         self.processes: ProxyProcesses | None = None      # replicas, with processes > 1
         self._rollouts: set[asyncio.Task[None]] = set()
-        self._listener: Listener | None = None
+        self._listeners: Listeners | None = None
         self.stop_event = asyncio.Event()
 
     # --- building pools and backends (start-up and reload) ----------------------------------------------
@@ -94,6 +96,7 @@ class Balancer:
     def setup_pool(self, p: PoolConfig) -> PoolRuntime:
         """Registry entry, external servers, listeners and the proxy's runtime for one pool.
         Spawned workers' backends already exist (the supervisor made them) and are attached here."""
+        self._upstream_tls[p.name] = client_tls(p.tls)
         backend_set = self.registry.pool(p.name)
         for server in p.servers:
             backend_set.add(Backend(id=f"{p.name}/{server.address}", pool=p.name, host=server.host,
@@ -108,10 +111,22 @@ class Balancer:
     def attach_backend(self, backend: Backend, p: PoolConfig | None = None) -> None:
         """Give a backend its connections (BackendConnections) and (if configured) its health checks."""
         p = p or self.config.pools[backend.pool]
-        self.connections.add(backend.id, backend.host, backend.port, connection_limits(p, self.config.limits))
+        tls = self._upstream_tls.get(p.name)
+        self.connections.add(backend.id, backend.host, backend.port, connection_limits(p, self.config.limits),
+                             tls)
         policy = health_policy(p)
         if policy is not None:
-            self.health.add(backend, policy, start_healthy=not backend.spawned)
+            self.health.add(backend, policy, start_healthy=not backend.spawned,
+                            tls=tls.context if tls else None, server_name=tls.server_name if tls else None)
+
+    def set_upstream_tls(self, p: PoolConfig) -> None:
+        """Reload: a pool's TLS settings changed; its backends' new connections and probes use them."""
+        tls = self._upstream_tls[p.name] = client_tls(p.tls)
+        for backend in self.registry.pool(p.name):
+            conns = self.connections.get(backend.id)
+            if conns is not None:
+                conns.set_tls(tls)
+            self.health.set_tls(backend, tls.context if tls else None, tls.server_name if tls else None)
 
     async def detach_backend(self, backend: Backend) -> None:
         """Undo attach_backend: close its connections, stop its checks."""
@@ -126,17 +141,26 @@ class Balancer:
 
     @property
     def port(self) -> int:
-        """The data port actually bound (useful with ``listen.port: 0``)."""
-        assert self._listener is not None
-        return self._listener.port
+        """The first listener's port, as bound (useful with ``listen.port: 0``)."""
+        return self.ports[0]
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        """Every listener's port as bound, in the configuration's order."""
+        assert self._listeners is not None
+        return self._listeners.ports
+
+    def listener_stats(self) -> dict[str, dict[str, object]]:
+        return self._listeners.snapshot() if self._listeners is not None else {}
 
     # --- reload -----------------------------------------------------------------------------------------
 
     async def reload(self, config: Config) -> list[str]:
         """Apply an already validated configuration in place (see :mod:`.reload`)."""
         async with self._reload_lock:
+            listen_tls = load_tls(config.listen)       # certificates load, or nothing changes
             old, self.config = self.config, config     # attach_backend() reads pool settings from here
-            changes = await Reload(self, old, config).apply()
+            changes = await Reload(self, old, config, listen_tls).apply()
         if self.processes is not None:
             self.processes.tell_reload()
         return changes
@@ -192,15 +216,11 @@ class Balancer:
             return not pending
         return True
 
-    async def move_listener(self, host: str, port: int) -> None:
-        """Open the new data socket first, then close the old one."""
-        assert self._front_door is not None
-        new = await Listener.open(self._front_door, host, port,
-                                  reuse_port=self.reuse_port or self.config.processes > 1)
-        old, self._listener = self._listener, new
-        if old is not None:
-            old.close()
-        log.info("balancer listening on http://%s:%d", host, self.port)
+    async def apply_listen(self, listen: tuple[ListenConfig, ...], timeouts: ClientTimeoutsConfig,
+                           tls: list[ServerTLS | None]) -> list[str]:
+        """Reload: new listeners open before old ones close; kept ones take new certificates."""
+        assert self._listeners is not None
+        return await self._listeners.apply(listen, timeouts, tls)
 
     # --- lifecycle -------------------------------------------------------------------------------------
 
@@ -217,13 +237,13 @@ class Balancer:
         if self.access_log is not None:
             self.access_log.start()
         self._front_door = FrontDoor(self.proxy.handle, cfg.limits, cfg.timeouts)
-        port = cfg.listen.port if self.listen_port is None else self.listen_port
-        self._listener = await Listener.open(self._front_door, cfg.listen.host, port,
-                                             reuse_port=self.reuse_port or cfg.processes > 1)
+        self._listeners = Listeners(self._front_door, reuse_port=self.reuse_port or cfg.processes > 1)
+        await self._listeners.open(cfg.listen, cfg.timeouts, self.listen_ports)
         if self.admin is not None:
             await self.admin.start()
             log.info("admin on http://%s:%d", self.admin.host, self.admin.bound_port)
-        log.info("balancer listening on http://%s:%d (%s; request path %s)", cfg.listen.host, self.port,
+        log.info("balancer serving on %s (%s; request path %s)",
+                 ", ".join(f"{c.host}:{p}" for c, p in zip(cfg.listen, self.ports, strict=True)),
                  ", ".join(f"{name}: {len(s.ready)}/{len(s)} ready" for name, s in
                            self.registry.pools.items()),
                  "compiled" if compiled() else "interpreted")
@@ -256,8 +276,8 @@ class Balancer:
         #    stop accepting new client connections.
         replicas = (asyncio.ensure_future(self.processes.aclose(drain_timeout))
                     if self.processes is not None else None)
-        if self._listener is not None:
-            self._listener.close()
+        if self._listeners is not None:
+            self._listeners.close()
         # 2. Drain: in-flight requests finish; each keep-alive client's next response carries
         #    `Connection: close` (we give idle clients a moment to send it), then idle connections
         #    are closed and whatever is still running after the deadline is cancelled.
@@ -329,7 +349,7 @@ class Balancer:
                 await self.startup()
                 if self.config.processes > 1:
                     self.processes = ProxyProcesses(self, self.config.processes, self.config.source)
-                    await self.processes.start(self.port)
+                    await self.processes.start(self.ports)
                 gc.collect()
                 gc.freeze()      # start-up objects live forever: keep them out of every collection
                 await self.stop_event.wait()

@@ -28,10 +28,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Protocol
 
-from ..config.models import ClientTimeoutsConfig, Config, LimitsConfig, PoolConfig
+from ..config.models import ClientTimeoutsConfig, Config, LimitsConfig, ListenConfig, PoolConfig
 from ..dataplane.connections import ConnectionTable
 from ..dataplane.headers import TrustedProxies
 from ..dataplane.proxy import PoolRuntime, Proxy
+from ..dataplane.tls import ServerTLS
 from ..lb.health import HealthChecker
 from ..lb.passive import PassiveHealth
 from ..lb.registry import Backend, Registry, wait_drained
@@ -64,7 +65,9 @@ class Reloadable(Protocol):
     def attach_backend(self, backend: Backend, p: PoolConfig | None = None) -> None: ...
     async def detach_backend(self, backend: Backend) -> None: ...
     def start_rollout(self, work: Awaitable[object], name: str) -> None: ...
-    async def move_listener(self, host: str, port: int) -> None: ...
+    async def apply_listen(self, listen: tuple[ListenConfig, ...], timeouts: ClientTimeoutsConfig,
+                           tls: list[ServerTLS | None]) -> list[str]: ...
+    def set_upstream_tls(self, p: PoolConfig) -> None: ...
     def apply_client_settings(self, limits: LimitsConfig, timeouts: ClientTimeoutsConfig) -> None: ...
 
 
@@ -77,10 +80,12 @@ class Reload:
     """One reload: compare ``old`` and ``new`` and apply the difference to ``balancer``, which
     runs on ``new`` already (its pool settings are read from there)."""
 
-    def __init__(self, balancer: Reloadable, old: Config, new: Config) -> None:
+    def __init__(self, balancer: Reloadable, old: Config, new: Config,
+                 listen_tls: list[ServerTLS | None]) -> None:
         self.b = balancer
         self.old = old
         self.new = new
+        self.listen_tls = listen_tls        # the listeners' certificates, loaded already
         self.changes: list[str] = []
         self._retired: list[Backend] = []
 
@@ -100,9 +105,7 @@ class Reload:
         b.apply_client_settings(new.limits, new.timeouts)
         if new.routes != old.routes:
             self.changes.append("routes replaced")
-        if new.listen != old.listen:
-            await b.move_listener(new.listen.host, new.listen.port)
-            self.changes.append(f"listen moved to {new.listen.host}:{new.listen.port}")
+        self.changes += await b.apply_listen(new.listen, new.timeouts, self.listen_tls)
         # 4. Whatever left: drain, then close.
         for name in old.pools:
             if name not in new.pools:
@@ -184,6 +187,9 @@ class Reload:
             self.changes.append(f"pool {new.name}: connection or health settings changed")
         if new.passive != old.passive:
             b.passive.add_pool(new.name, new.passive)
+        if new.tls != old.tls:
+            b.set_upstream_tls(new)
+            self.changes.append(f"pool {new.name}: TLS to backends changed")
         # The runtime: selector, timeouts, retries.
         b.proxy.set_pool(pool_runtime(new, backend_set))
         if (new.balance, new.timeouts, new.retries) != (old.balance, old.timeouts, old.retries):

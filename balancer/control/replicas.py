@@ -55,7 +55,7 @@ RESYNC_INTERVAL_S = 1.0
 BATCH_INTERVAL_S = 0.1
 _RECORD_FIELDS = ("start", "wall", "method", "client", "route", "pool", "backend", "status",
                   "upstream_status", "attempts", "error", "bytes_in", "bytes_out", "queue_s", "connect_s",
-                  "ttfb_s", "total_s", "version")
+                  "ttfb_s", "total_s", "version", "listener")
 
 
 class Host(Protocol):
@@ -79,7 +79,7 @@ class Host(Protocol):
     async def startup(self) -> None: ...
     async def shutdown(self, drain_timeout: float | None = None) -> None: ...
     @property
-    def port(self) -> int: ...
+    def ports(self) -> tuple[int, ...]: ...
 
 
 def backend_state(b: Backend) -> dict[str, Any]:
@@ -130,8 +130,8 @@ class ProxyProcesses:
         self._synced_version: object = None
         self._wake = asyncio.Event()
 
-    async def start(self, port: int) -> None:
-        self.port = port
+    async def start(self, ports: tuple[int, ...]) -> None:
+        self.ports = ports
         loop = asyncio.get_running_loop()
         for backend_set in self.balancer.registry.pools.values():
             backend_set.subscribe(lambda b, ready: self._wake.set())
@@ -191,7 +191,8 @@ class ProxyProcesses:
         try:
             replica.process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "balancer", "_replica", "-c", self.config_path,
-                "--fd", str(theirs.fileno()), "--port", str(self.port), "--index", str(replica.index),
+                "--fd", str(theirs.fileno()), "--ports", ",".join(map(str, self.ports)),
+                "--index", str(replica.index),
                 pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL, preexec_fn=child_setup)
         finally:
             theirs.close()
@@ -364,7 +365,7 @@ class ReplicaLink:
             self._writer.close()
 
 
-async def run_replica(make_balancer: Callable[..., Host], config: Config, fd: int, port: int,
+async def run_replica(make_balancer: Callable[..., Host], config: Config, fd: int, ports: tuple[int, ...],
                       index: int) -> None:
     """The body of ``balancer _replica``: a proxy process fed by the main process.
     ``make_balancer`` builds the process's balancer (the composition root, passed in so that this
@@ -377,7 +378,7 @@ async def run_replica(make_balancer: Callable[..., Host], config: Config, fd: in
         if link is not None:
             link.apply(link.last_states)
 
-    balancer = make_balancer(replica_config(config), listen_port=port, reuse_port=True,
+    balancer = make_balancer(replica_config(config), listen_ports=ports, reuse_port=True,
                              before_routes_swap=fill_new_pools)
     loop = asyncio.get_running_loop()
     stop_timeout = [config.shutdown.drain_timeout_s]
@@ -405,7 +406,8 @@ async def run_replica(make_balancer: Callable[..., Host], config: Config, fd: in
         loop.add_signal_handler(signum, balancer.stop_event.set)
     try:
         await balancer.startup()
-        log.info("proxy process %d pid %d serving on port %d", index, os.getpid(), balancer.port)
+        log.info("proxy process %d pid %d serving on port %s", index, os.getpid(),
+                 ",".join(map(str, balancer.ports)))
         await balancer.stop_event.wait()
     finally:
         await balancer.shutdown(drain_timeout=stop_timeout[0])

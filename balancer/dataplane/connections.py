@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -40,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from ..errors import PoolQueueFull, PoolTimeout, UpstreamConnectError, UpstreamConnectTimeout
+from .tls import ClientTLS
 from .upstream import ConnState, UpstreamConnection
 
 log = logging.getLogger(__name__)
@@ -91,17 +93,31 @@ SURPLUS_GRACE_S = 1.0
 Closing = tuple[UpstreamConnection, str]
 
 
-async def open_connection(host: str, port: int, timeout: float,
-                          max_head: int = 65536) -> UpstreamConnection:
-    """Open a TCP connection to a backend; library errors translated to ours."""
+async def open_connection(host: str, port: int, timeout: float, max_head: int = 65536,
+                          tls: ClientTLS | None = None) -> UpstreamConnection:
+    """Open a TCP connection to a backend, with its TLS handshake if ``tls``, both within
+    ``timeout``; library errors translated to ours."""
     loop = asyncio.get_running_loop()
     address = f"{host}:{port}"
+
+    def factory() -> asyncio.Protocol:
+        return cast(asyncio.Protocol, UpstreamConnection(address, max_head=max_head))
     try:
         async with asyncio.timeout(timeout):
-            transport, protocol = await loop.create_connection(
-                lambda: cast(asyncio.Protocol, UpstreamConnection(address, max_head=max_head)), host, port)
+            if tls is None:
+                transport, protocol = await loop.create_connection(factory, host, port)
+            else:
+                transport, protocol = await loop.create_connection(
+                    factory, host, port, ssl=tls.context, server_hostname=tls.name_for(host),
+                    ssl_handshake_timeout=timeout)
     except TimeoutError as exc:
         raise UpstreamConnectTimeout(f"connect to {address} timed out after {timeout:g}s") from exc
+    except ssl.SSLCertVerificationError as exc:
+        raise UpstreamConnectError(f"TLS handshake with {address} failed: certificate verify failed: "
+                                   f"{exc.verify_message}") from exc
+    except ssl.SSLError as exc:
+        detail = exc.reason or str(exc)
+        raise UpstreamConnectError(f"TLS handshake with {address} failed: {detail}") from exc
     except OSError as exc:
         raise UpstreamConnectError(f"connect to {address} failed: {exc.strerror or exc}") from exc
     conn = cast(UpstreamConnection, protocol)
@@ -115,8 +131,9 @@ class BackendConnections:
 
     def __init__(self, host: str, port: int, limits: ConnectionLimits, *,
                  connect: Callable[..., Any] = open_connection,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, tls: ClientTLS | None = None) -> None:
         self.host = host
+        self.tls = tls
         self.port = port
         self.limits = limits
         self._connect = connect
@@ -259,9 +276,13 @@ class BackendConnections:
             self._opening += 1
         started = self._clock()
         try:
-            conn: UpstreamConnection = await self._connect(self.host, self.port,
-                                                           self.limits.connect_timeout_s,
-                                                           self.limits.max_response_header)
+            limits = self.limits
+            if self.tls is None:
+                conn: UpstreamConnection = await self._connect(self.host, self.port, limits.connect_timeout_s,
+                                                               limits.max_response_header)
+            else:
+                conn = await self._connect(self.host, self.port, limits.connect_timeout_s,
+                                           limits.max_response_header, self.tls)
         except BaseException:
             self._opening -= 1
             self._wake_one()
@@ -372,6 +393,12 @@ class BackendConnections:
         """Reload: new limits, for the next acquire and the next idle sweep."""
         self.limits = limits
 
+    def set_tls(self, tls: ClientTLS | None) -> None:
+        """Reload: new TLS settings for new connections; idle ones made with the old are closed."""
+        if tls is not self.tls:
+            self.tls = tls
+            self.close_idle("removed")
+
     def count_replay(self) -> None:
         """The proxy sent a request again on a fresh connection after a reused one was found closed."""
         self.stats.replayed += 1
@@ -452,8 +479,9 @@ class ConnectionTable:
         self._reaper: asyncio.Task[None] | None = None
         self._top_ups: set[asyncio.Task[None]] = set()
 
-    def add(self, backend_id: str, host: str, port: int, limits: ConnectionLimits) -> BackendConnections:
-        conns = BackendConnections(host, port, limits, connect=self._connect, clock=self._clock)
+    def add(self, backend_id: str, host: str, port: int, limits: ConnectionLimits,
+            tls: ClientTLS | None = None) -> BackendConnections:
+        conns = BackendConnections(host, port, limits, connect=self._connect, clock=self._clock, tls=tls)
         self._by_backend[backend_id] = conns
         return conns
 

@@ -70,6 +70,33 @@ FLUSH_S = 5.0
 LINGER_S = 2.0
 
 
+class Entrance:
+    """What a client connection knows of the listener it came through, and that listener's counts
+    (kept across reloads under its name: a reload that keeps a listener keeps its Entrance)."""
+
+    __slots__ = ("connections", "handshake_failures", "name", "redirect_https", "requests", "scheme")
+
+    def __init__(self, name: str, tls: bool = False, redirect_https: int | None = None) -> None:
+        self.name = name
+        self.scheme = b"https" if tls else b"http"
+        self.redirect_https = redirect_https   # answer every request 308 to HTTPS on this port
+        self.connections = 0
+        self.requests = 0
+        self.handshake_failures = 0
+
+    def configure(self, tls: bool, redirect_https: int | None) -> None:
+        """Reload: the listener's new settings (its counts go on)."""
+        self.scheme = b"https" if tls else b"http"
+        self.redirect_https = redirect_https
+
+    def count_handshake_failure(self) -> None:
+        self.handshake_failures += 1
+
+    def snapshot(self) -> dict[str, object]:
+        return {"scheme": self.scheme.decode(), "connections": self.connections, "requests": self.requests,
+                "handshake_failures": self.handshake_failures, "redirect_https": self.redirect_https}
+
+
 class State(enum.Enum):
     WAITING = "waiting"
     HEAD = "head"
@@ -262,6 +289,10 @@ class Exchange:
         return self.conn.peer_ip()
 
     @property
+    def entrance(self) -> Entrance:
+        return self.conn.entrance
+
+    @property
     def client_ip_bytes(self) -> bytes:
         self.conn.peer_ip()
         return self.conn.client_ip_bytes
@@ -410,6 +441,7 @@ class ClientConnection:
         "deadline",
         "deadline_slot",
         "door",
+        "entrance",
         "limits",
         "loop",
         "requests",
@@ -420,8 +452,10 @@ class ClientConnection:
         "write_paused",
     )
 
-    def __init__(self, door: FrontDoor) -> None:
+    def __init__(self, door: FrontDoor, entrance: Entrance) -> None:
         self.door = door
+        self.entrance = entrance
+        entrance.connections += 1
         self.loop = door.loop
         self.wheel: Deadlines = door.wheel
         self.limits: LimitsConfig = door.limits
@@ -636,6 +670,7 @@ class ClientConnection:
         self._headers = _NO_HEADERS         # the exchange owns the list now
         self._inspect(exchange, parser.should_upgrade())
         self.requests += 1
+        self.entrance.requests += 1
         if exchange.body is not None:
             self._parsing = exchange
         if self._current is None and not self._queue:
@@ -953,6 +988,7 @@ class FrontDoor:
     """
 
     def __init__(self, handler: Handler, limits: LimitsConfig, timeouts: ClientTimeoutsConfig) -> None:
+        self.default_entrance = Entrance("default")
         self.loop = asyncio.get_running_loop()
         self.wheel = deadlines(self.loop)
         self.handler = handler
@@ -967,11 +1003,15 @@ class FrontDoor:
         self.timeouts = timeouts
 
     def __call__(self) -> asyncio.Protocol:
+        return self.connect(self.default_entrance)
+
+    def connect(self, entrance: Entrance) -> asyncio.Protocol:
+        """The protocol for a connection accepted through ``entrance``'s listener."""
         if self.limits.max_connections and len(self.connections) >= self.limits.max_connections:
             # Over limits.max_connections: a clean 503 and close, costing no parser.
             self.refused_connections += 1
             return _Refuse()
-        conn = ClientConnection(self)
+        conn = ClientConnection(self, entrance)
         self.connections.add(conn)
         return cast(asyncio.Protocol, conn)
 

@@ -170,6 +170,14 @@ def request_fields(headers: RawHeaders, client_ip: bytes, trusted: bool, authori
     return RequestHead(b"".join(added), request_id, host, upgrade, size)
 
 
+def request_host(headers: RawHeaders) -> bytes:
+    """The request's Host value (the front door refuses a request with more than one)."""
+    for name, value in headers:
+        if len(name) == 4 and name.lower() == b"host":
+            return value
+    return b""
+
+
 def _without(block: bytes, names: frozenset[bytes]) -> bytes:
     """``block`` (CRLF-terminated field lines) minus the fields named in ``names`` (lower case)."""
     lines = block.split(b"\r\n")

@@ -11,15 +11,25 @@ So the listening socket is ours: watched with ``add_reader`` and drained up to `
 connections per readiness; each accepted socket becomes a transport through the loop's
 ``connect_accepted_socket``. Out of file descriptors (EMFILE/ENFILE), accepting pauses for
 ``RETRY_DELAY_S`` (as asyncio does) instead of spinning on a readable socket.
+
+A TLS listener wraps each accepted socket in the loop's SSL transport, with a handshake deadline
+(``timeouts.client_header``); the protocol sees the connection only once the handshake is done. A
+handshake that fails (a plain-HTTP client on the TLS port, an old protocol version, no shared
+cipher) closes the connection and is logged on one line.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import socket
+import ssl
 from collections.abc import Callable
+
+from .throttledlog import ThrottledLog
+from .tls import ServerTLS
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +43,15 @@ class Listener:
     RETRY_DELAY_S = 0.1
 
     def __init__(self, loop: asyncio.AbstractEventLoop, factory: Callable[[], asyncio.Protocol],
-                 sockets: list[socket.socket]) -> None:
+                 sockets: list[socket.socket], tls: ServerTLS | None = None, handshake_timeout: float = 10.0,
+                 on_handshake_failure: Callable[[], None] | None = None) -> None:
         self._loop = loop
         self._factory = factory
         self.sockets = sockets
+        self.tls = tls
+        self.handshake_timeout = handshake_timeout
+        self._on_handshake_failure = on_handshake_failure
+        self._handshake_log = ThrottledLog(log, level=logging.INFO)
         self._closed = False
         self._attaching: set[asyncio.Task[None]] = set()
         for sock in sockets:
@@ -44,7 +59,9 @@ class Listener:
 
     @classmethod
     async def open(cls, factory: Callable[[], asyncio.Protocol], host: str, port: int, *,
-                   reuse_port: bool = False, backlog: int = 1024) -> Listener:
+                   reuse_port: bool = False, backlog: int = 1024, tls: ServerTLS | None = None,
+                   handshake_timeout: float = 10.0,
+                   on_handshake_failure: Callable[[], None] | None = None) -> Listener:
         """Bind every address of ``host`` (as ``loop.create_server`` does) and start accepting."""
         loop = asyncio.get_running_loop()
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -68,7 +85,12 @@ class Listener:
             for sock in sockets:
                 sock.close()
             raise
-        return cls(loop, factory, sockets)
+        return cls(loop, factory, sockets, tls, handshake_timeout, on_handshake_failure)
+
+    def set_tls(self, tls: ServerTLS | None, handshake_timeout: float) -> None:
+        """Reload: new certificates for connections accepted from now on."""
+        self.tls = tls
+        self.handshake_timeout = handshake_timeout
 
     def _accept(self, listening: socket.socket) -> None:
         for _ in range(self.ACCEPT_BATCH):
@@ -96,12 +118,34 @@ class Listener:
             self._loop.add_reader(listening.fileno(), self._accept, listening)
 
     async def _attach(self, conn: socket.socket, protocol: asyncio.Protocol) -> None:
+        tls = self.tls
+        peer = "?"
         try:
-            await self._loop.connect_accepted_socket(lambda: protocol, conn)
+            if tls is None:
+                await self._loop.connect_accepted_socket(lambda: protocol, conn)
+            else:
+                with contextlib.suppress(OSError):
+                    peer = conn.getpeername()[0]
+                await self._loop.connect_accepted_socket(lambda: protocol, conn, ssl=tls.context,
+                                                         ssl_handshake_timeout=self.handshake_timeout)
         except (OSError, asyncio.CancelledError) as exc:   # reset before we got to it, or closing
-            log.debug("accepted connection lost before it was set up: %r", exc)
+            if tls is not None and not isinstance(exc, asyncio.CancelledError):
+                self._handshake_failed(peer, exc)
+            else:
+                log.debug("accepted connection lost before it was set up: %r", exc)
             conn.close()
             protocol.connection_lost(exc if isinstance(exc, OSError) else None)
+
+    def _handshake_failed(self, peer: str, exc: BaseException) -> None:
+        if self._on_handshake_failure is not None:
+            self._on_handshake_failure()
+        if isinstance(exc, ssl.SSLError):
+            reason = exc.reason or exc.__class__.__name__
+            if reason == "HTTP_REQUEST":
+                reason = "plain HTTP on the TLS port"
+        else:
+            reason = str(exc) or exc.__class__.__name__
+        self._handshake_log.log("handshake", "TLS handshake with %s failed: %s", peer, reason)
 
     def close(self) -> None:
         if self._closed:

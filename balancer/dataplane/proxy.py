@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,9 +57,10 @@ from ..lb.registry import Backend, BackendSet
 from ..lb.selection import Selector
 from .connections import BackendConnections, ConnectionTable
 from .frontdoor import Exchange, RequestBody
-from .headers import RequestHead, TrustedProxies, request_fields, response_fields
+from .headers import RequestHead, TrustedProxies, request_fields, request_host, response_fields
 from .record import RequestRecord
 from .routing import Router
+from .throttledlog import ThrottledLog
 from .tunnel import Tunnel
 from .upstream import ResponseHead, UpstreamConnection
 
@@ -202,10 +204,14 @@ class Proxy:
         target = request.target
         record = RequestRecord(time.monotonic(), time.time(), request.method, target, request.client_ip)
         record.headers = request.headers
+        entrance = request.entrance
+        record.listener = entrance.name
         if request.version != "1.1":
             record.version = request.version      # "1.0", or what a refused request said
         try:
-            route = self._route(request, target, record)
+            if entrance.redirect_https is not None:
+                return self._redirect(request, record, entrance.redirect_https)
+            route = self._route(request, target, record, entrance.scheme)
             if route is None:
                 return                  # answered already: refused, no route, too large
             runtime, head_info, target = route
@@ -238,7 +244,7 @@ class Proxy:
                 if isinstance(exc, ClientBodyInvalid):
                     status = exc.status
                 if isinstance(exc, UpstreamError):
-                    self._failure_log.warning(kind, "%s %r -> %d (%s): %s", method, target[:200], status,
+                    self._failure_log.log(kind, "%s %r -> %d (%s): %s", method, target[:200], status,
                                               kind, exc)
                 return self._fail(request, record, status, kind, close=status < 500)
             if tunnel and response_head.status == 101:
@@ -268,7 +274,7 @@ class Proxy:
         record.bytes_in = size
         return body, False
 
-    def _route(self, request: Exchange, target: bytes, record: RequestRecord
+    def _route(self, request: Exchange, target: bytes, record: RequestRecord, scheme: bytes
                ) -> tuple[PoolRuntime, RequestHead, bytes] | None:
         """The checks and the routing before any backend is involved: the pool, the header block for
         the backend and the origin-form target; or None when the request was answered here."""
@@ -282,7 +288,7 @@ class Proxy:
                 return None
             authority, target = split
         head_info = request_fields(request.headers, request.client_ip_bytes,
-                                   record.client in self.trusted, authority, self._request_ids.next)
+                                   record.client in self.trusted, authority, self._request_ids.next, scheme)
         record.request_id = head_info.request_id
         refused = request.refused
         if refused is not None:
@@ -302,6 +308,28 @@ class Proxy:
             self._fail(request, record, 413, "body_too_large", close=True)
             return None
         return self.pools[route.pool], head_info, target
+
+    def _redirect(self, request: Exchange, record: RequestRecord, port: int) -> None:
+        """A plain-HTTP listener with ``redirect_https``: 308 to the same target over HTTPS (308, not
+        301: the method and body are kept). The host is the request's own, checked to be a name or
+        an address: a Location built from an unchecked Host would send clients anywhere."""
+        target = request.target
+        if target[:1] != b"/":
+            split = _split_absolute(target) if target != b"*" else None
+            host, target = split if split is not None else (b"", b"")
+        else:
+            host = request_host(request.headers)
+        name = _HOST_NAME.fullmatch(host)
+        if request.refused is not None or name is None or not target:
+            self._fail(request, record, 400, "refused", close=True)
+            return
+        authority = name.group(1) if port == 443 else b"%s:%d" % (name.group(1), port)
+        location = b"https://" + authority + target
+        record.status = 308
+        body = b"308 Permanent Redirect\n"
+        request.send_whole(308, b"Permanent Redirect",
+                           b"Location: " + location + b"\r\nContent-Type: text/plain; charset=utf-8\r\n",
+                           body, len(body))
 
     def _fail(self, request: Exchange, record: RequestRecord, status: int, kind: str,
               close: bool = False) -> None:
@@ -469,7 +497,7 @@ class Proxy:
             # The status has gone; all we can do is cut the client connection so it sees a short body.
             ok = False
             record.error = FAILURES.get(type(exc), (502, "error"))[1]
-            self._failure_log.warning("cut", "%s %r: response from %s cut: %s", request.method,
+            self._failure_log.log("cut", "%s %r: response from %s cut: %s", request.method,
                                       record.target[:200], lease.backend.id, exc)
             request.abandon()
         finally:
@@ -499,30 +527,6 @@ class Proxy:
                 record.bytes_out = tunnel.bytes_down
             conn.close("upgrade")
             lease.finish(True)
-
-class ThrottledLog:
-    """At most one line per second per kind of failure, with how many were left out: a dead pool
-    answering thousands of 503s a second must not turn the log into the bottleneck."""
-
-    __slots__ = ("_clock", "_last", "_logger", "_suppressed")
-
-    def __init__(self, logger: logging.Logger, clock: Callable[[], float] = time.monotonic) -> None:
-        self._logger = logger
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-        self._clock = clock
-
-    def warning(self, kind: str, msg: str, *args: object) -> None:
-        now = self._clock()
-        if now - self._last.get(kind, -1e9) < 1.0:
-            self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
-            return
-        self._last[kind] = now
-        left_out = self._suppressed.pop(kind, 0)
-        if left_out:
-            msg += f" (and {left_out} more like it in the last second)"
-        self._logger.warning(msg, *args)
-
 
 class RetryBudget:
     """Retries may add at most ``ratio`` extra load (Envoy's retry budget, Finagle's RetryBudget).
@@ -562,6 +566,11 @@ class RequestIds:
     def next(self) -> bytes:
         self._count += 1
         return self._prefix + b"%08x" % self._count
+
+
+# A Host value fit for a Location: a DNS name or an IPv4 address, or a bracketed IPv6 address, with
+# an optional port (dropped).
+_HOST_NAME = re.compile(rb"([A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?")
 
 
 def _split_absolute(target: bytes) -> tuple[bytes, bytes] | None:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 class RequestRecord:
     __slots__ = ("attempts", "backend", "bytes_in", "bytes_out", "client", "connect_s", "error", "headers",
-                 "method", "pool", "queue_s", "request_id", "route", "start", "status", "target",
+                 "listener", "method", "pool", "queue_s", "request_id", "route", "start", "status", "target",
                  "total_s", "ttfb_s", "upstream_status", "version", "wall")
 
     def __init__(self, start: float, wall: float, method: str, target: bytes, client: str) -> None:
@@ -25,6 +25,7 @@ class RequestRecord:
         # the access log's writer thread picks Referer and User-Agent out of them.
         self.headers: Sequence[tuple[bytes, bytes]] = ()
         self.version = "1.1"
+        self.listener = ""           # the name of the listener it came through
         self.route = ""
         self.pool = ""
         self.backend = ""            # id of the backend that answered (or was tried last)

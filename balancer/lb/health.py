@@ -30,8 +30,10 @@ import contextlib
 import logging
 import math
 import random
+import ssl
 import time
 from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 
@@ -120,12 +122,16 @@ class HealthChecker:
         self.registry = registry
         self._rand = rand
         self._checks: dict[str, tuple[Backend, HealthConfig, HealthTracker, asyncio.Event]] = {}
+        self._tls: dict[str, tuple[ssl.SSLContext, str]] = {}    # backend id -> (context, server name)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._session: aiohttp.ClientSession | None = None
 
-    def add(self, backend: Backend, policy: HealthConfig, *, start_healthy: bool = False) -> None:
+    def add(self, backend: Backend, policy: HealthConfig, *, start_healthy: bool = False,
+            tls: ssl.SSLContext | None = None, server_name: str | None = None) -> None:
         """Check ``backend`` from now on. Spawned workers start unhealthy (gated on their first
-        pass); external servers start healthy, as in HAProxy, and are ejected after ``fall``."""
+        pass); external servers start healthy, as in HAProxy, and are ejected after ``fall``.
+        With ``tls``, probes speak HTTPS, sending and verifying ``server_name`` (else the host)."""
+        self.set_tls(backend, tls, server_name)
         tracker = HealthTracker(policy.rise, policy.fall, healthy=start_healthy)
         if not start_healthy:
             self.registry.set_healthy(backend, False, "not yet checked")
@@ -133,9 +139,17 @@ class HealthChecker:
         if self._session is not None:
             self._start_task(backend.id)
 
+    def set_tls(self, backend: Backend, tls: ssl.SSLContext | None, server_name: str | None) -> None:
+        """Reload: the backend's probes speak HTTPS with ``tls`` from the next one on (None: HTTP)."""
+        if tls is not None:
+            self._tls[backend.id] = (tls, server_name or backend.host)
+        else:
+            self._tls.pop(backend.id, None)
+
     async def remove(self, backend_id: str) -> None:
         """Stop checking a backend (it left the configuration)."""
         self._checks.pop(backend_id, None)
+        self._tls.pop(backend_id, None)
         task = self._tasks.pop(backend_id, None)
         if task is not None:
             task.cancel()
@@ -233,14 +247,18 @@ class HealthChecker:
     async def probe(self, backend: Backend, policy: HealthConfig) -> tuple[bool, str]:
         """One check: (passed, reason). Reason is the status, 'timeout' or the connect error."""
         assert self._session is not None
-        url = f"http://{backend.address}{policy.path}"
+        tls = self._tls.get(backend.id)
+        url = f"{'https' if tls else 'http'}://{backend.address}{policy.path}"
+        extra: dict[str, Any] = {} if tls is None else {"ssl": tls[0], "server_hostname": tls[1]}
         try:
             async with asyncio.timeout(policy.timeout_s):
-                async with self._session.get(url, allow_redirects=False) as response:
+                async with self._session.get(url, allow_redirects=False, **extra) as response:
                     await response.read()
                     status = response.status
         except TimeoutError:
             return False, f"timeout after {policy.timeout_s:g}s"
+        except aiohttp.ClientConnectorCertificateError as exc:
+            return False, f"TLS ({exc.certificate_error.__class__.__name__}: {exc.certificate_error})"
         except aiohttp.ClientConnectorError as exc:
             return False, f"refused ({exc.os_error.strerror or exc.os_error})"
         except aiohttp.ClientError as exc:
