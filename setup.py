@@ -14,9 +14,11 @@ from setuptools import setup
 # admin port. Changing the list changes what the compiled test pass covers (`make test`).
 COMPILED = [
     # balancer/dataplane/: everything that runs per request on the data port.
+    "balancer/dataplane/affinity.py",
     "balancer/dataplane/connections.py",
     "balancer/dataplane/deadlines.py",
     "balancer/dataplane/frontdoor.py",
+    "balancer/dataplane/guards.py",
     "balancer/dataplane/headers.py",
     "balancer/dataplane/listener.py",
     "balancer/dataplane/proxy.py",
@@ -27,6 +29,7 @@ COMPILED = [
     "balancer/dataplane/tunnel.py",
     "balancer/dataplane/upstream.py",
     # balancer/lb/: the parts of balancing policy each request consults or tells.
+    "balancer/lb/hashing.py",
     "balancer/lb/passive.py",
     "balancer/lb/registry.py",
     "balancer/lb/selection.py",

@@ -244,7 +244,7 @@ def test_config_is_hashable_and_picklable() -> None:
                  "x.yaml:1: pools.web.health.expect: expected a status or range like 200 or '200-399' "
                  "within 100..599, got '200-700'", id="bad-expect"),
     pytest.param("pools: {web: {servers: [a:1], balance: random}}",
-                 "x.yaml:1: pools.web.balance: expected one of round_robin, least_loaded, p2c, got 'random'",
+                 "x.yaml:1: pools.web.balance: expected one of round_robin, least_loaded, p2c, hash, got 'random'",
                  id="bad-choice"),
     pytest.param("pools: {web: {servers: a:1}}",
                  "x.yaml:1: pools.web.servers: expected a list, got 'a:1'", id="not-a-list"),
@@ -258,7 +258,7 @@ def test_config_is_hashable_and_picklable() -> None:
     pytest.param(MINIMAL + "routes:\n  - {name: a, pool: web}\n  - {name: a, pool: web}\n",
                  "x.yaml:4: routes[1]: duplicate route name 'a'", id="duplicate-route"),
     pytest.param(MINIMAL + "routes:\n  - {path_prefix: /}\n",
-                 "x.yaml:3: routes[0]: missing required key 'pool'", id="route-without-pool"),
+                 "x.yaml:3: routes[0]: a route needs exactly one of pool, redirect, respond (got none)", id="route-without-pool"),
     pytest.param("pools: {web: {spawn: {command: []}}}",
                  "x.yaml:1: pools.web.spawn.command: expected a non-empty command", id="empty-command"),
     pytest.param("pools: {web: {servers: [a:1, a:1]}}",

@@ -38,10 +38,13 @@ from ..errors import ConfigError
 from .certificates import check_ca_file, expires_soon, inspect_certificate
 from .models import (
     AdminConfig,
+    BasicAuthConfig,
     CertificateConfig,
     ClientTimeoutsConfig,
     Config,
     ConnectionsConfig,
+    HashConfig,
+    HeaderRules,
     HealthConfig,
     LimitsConfig,
     ListenConfig,
@@ -49,11 +52,15 @@ from .models import (
     PassiveConfig,
     PoolConfig,
     PoolMap,
+    RateLimitConfig,
+    RedirectConfig,
+    RespondConfig,
     RouteConfig,
     ServerConfig,
     ServerTLSConfig,
     ShutdownConfig,
     SpawnConfig,
+    StickyConfig,
     TimeoutsConfig,
     UpstreamTLSConfig,
 )
@@ -71,7 +78,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CONFIG_PATH = "config/balancer.yaml"
 # Top-level keys that were renamed: old -> new. The old key reads as the new one, with a warning.
 RENAMED = {"workers": "processes"}
-BALANCE_POLICIES = ("round_robin", "least_loaded", "p2c")
+BALANCE_POLICIES = ("round_robin", "least_loaded", "p2c", "hash")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -491,6 +498,12 @@ def _ca_file(reader: Reader, node: yaml.Node, path: str) -> str:
     return ca
 
 
+def _any_text_value(value: object) -> str:
+    if isinstance(value, str):
+        return value
+    raise ConfigError(f"expected a string, got {show(value)}")
+
+
 def _route_pool(reader: Reader, node: yaml.Node, path: str) -> str:
     name = _STRING(reader, node, path)
     if name not in reader.pool_names:
@@ -505,11 +518,163 @@ def _routes(reader: Reader, node: yaml.Node, path: str) -> tuple[RouteConfig, ..
                            node, path)
     routes: dict[str, RouteConfig] = {}
     for index, (item, where) in enumerate(items):
-        route = RouteConfig(**{"name": f"route{index}", **reader.fields(item, where, _ROUTE, ("pool",))})
+        route = RouteConfig(**{"name": f"route{index}", **reader.fields(item, where, _ROUTE)})
+        actions = [a for a in ("pool", "redirect", "respond") if getattr(route, a) is not None]
+        if len(actions) != 1:
+            what = "none" if not actions else " and ".join(actions)
+            raise reader.error(f"a route needs exactly one of pool, redirect, respond (got {what})",
+                               item, where)
         if route.name in routes:
             raise reader.error(f"duplicate route name {route.name!r}", item, where)
+        for earlier in routes.values():
+            if shadows(earlier, route):
+                log.warning("%s:%d: %s: route %r can never match: route %r before it takes all its requests",
+                            reader.source, item.start_mark.line + 1, where, route.name, earlier.name)
+                break
         routes[route.name] = route
     return tuple(routes.values())
+
+
+def shadows(earlier: RouteConfig, later: RouteConfig) -> bool:
+    """Every request ``later`` matches, ``earlier`` matches first."""
+    if earlier.host is not None and earlier.host != later.host and not (
+            later.host is not None and earlier.host.startswith("*.") and not later.host.startswith("*.")
+            and later.host.partition(".")[2] == earlier.host[2:]):
+        return False
+    prefix = earlier.path_prefix
+    if not (later.path_prefix == prefix or later.path_prefix.startswith(prefix.rstrip("/") + "/")):
+        return False
+    if earlier.methods and not (later.methods and set(later.methods) <= set(earlier.methods)):
+        return False
+    return set(earlier.headers) <= set(later.headers)
+
+
+def _route_host_value(value: object) -> str:
+    """Exact, or one leading ``*.``; compared without case; a port is ignored (dropped here)."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"expected a host name like 'example.com' or '*.example.com', got {show(value)}")
+    host = value.strip().lower()
+    if host.startswith("[") and "]" in host:
+        host = host[:host.index("]") + 1]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    name = host[2:] if host.startswith("*.") else host
+    if not _HOST_LABELS.fullmatch(name) and not (name.startswith("[") and name.endswith("]")):
+        raise ConfigError(f"expected a host name like 'example.com' or '*.example.com', got {show(value)}")
+    return host
+
+
+_HOST_LABELS = re.compile(r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*\.?")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# Fields a header rule may not touch: the framing and the connection are balancer's to write.
+_FRAMING_FIELDS = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive", "upgrade",
+                             "te", "trailer", "proxy-connection"})
+
+
+def _header_name(reader: Reader, node: yaml.Node, path: str) -> str:
+    name = _STRING(reader, node, path)
+    if not _TOKEN.fullmatch(name):
+        raise reader.error(f"not a valid header name: {name!r}", node, path)
+    if name.lower() in _FRAMING_FIELDS:
+        raise reader.error(f"{name} is balancer's to write (message framing), not a rule's", node, path)
+    return name
+
+
+def _header_value(reader: Reader, node: yaml.Node, path: str) -> str:
+    value = reader.text(node, path)
+    if any(c in value for c in "\r\n\0"):
+        raise reader.error("a header value may not hold CR, LF or NUL", node, path)
+    return value
+
+
+def _header_pairs(reader: Reader, node: yaml.Node, path: str) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for name, (key, value) in reader.mapping(node, path, None).items():
+        where = join_path(path, name)
+        pairs.append((_header_name(reader, key, where), _header_value(reader, value, where)))
+    return tuple(pairs)
+
+
+def _match_headers(reader: Reader, node: yaml.Node, path: str) -> tuple[tuple[str, str], ...]:
+    return tuple((name.lower(), value) for name, value in _header_pairs(reader, node, path))
+
+
+def _header_names(reader: Reader, node: yaml.Node, path: str) -> tuple[str, ...]:
+    return tuple(_header_name(reader, item, where) for item, where in reader.items(node, path))
+
+
+def _methods(reader: Reader, node: yaml.Node, path: str) -> tuple[str, ...]:
+    methods = []
+    for item, where in reader.items(node, path):
+        method = _STRING(reader, item, where)
+        if not _TOKEN.fullmatch(method) or method != method.upper():
+            raise reader.error(f"expected a method in capitals like GET, got {method!r}", item, where)
+        methods.append(method)
+    return tuple(methods)
+
+
+def _redirect_status_value(value: object) -> int:
+    if value in (301, 302, 303, 307, 308):
+        return cast_int(value)
+    raise ConfigError(f"expected 301, 302, 303, 307 or 308, got {show(value)}")
+
+
+def cast_int(value: object) -> int:
+    assert isinstance(value, int)
+    return value
+
+
+def _location_value(value: object) -> str:
+    if isinstance(value, str) and value and not any(c in value for c in "\r\n\0 "):
+        return value
+    raise ConfigError(f"expected a URL or path without spaces, got {show(value)}")
+
+
+def _users(reader: Reader, node: yaml.Node, path: str) -> tuple[tuple[str, str], ...]:
+    users = []
+    for name, (_, value) in reader.mapping(node, path, None).items():
+        where = join_path(path, name)
+        hashed = _STRING(reader, value, where)
+        if ":" in name or not name:
+            raise reader.error("a user name may not hold ':'", value, where)
+        if not _BCRYPT.fullmatch(hashed):
+            raise reader.error("expected a bcrypt hash ($2b$12$... 60 characters; make one with "
+                               "`python -c 'import bcrypt; print(bcrypt.hashpw(b\"PASSWORD\", "
+                               "bcrypt.gensalt()).decode())'`)", value, where)
+        users.append((name, hashed))
+    if not users:
+        raise reader.error("no users", node, path)
+    return tuple(users)
+
+
+_BCRYPT = re.compile(r"\$2[abxy]?\$\d\d\$[./A-Za-z0-9]{53}")
+_RATE = re.compile(r"(?P<n>\d+(?:\.\d+)?)\s*/\s*(?P<unit>s|m|h|second|minute|hour)", re.ASCII)
+
+
+def _rate_value(value: object) -> float:
+    if isinstance(value, str) and (match := _RATE.fullmatch(value.strip())):
+        per = {"s": 1, "second": 1, "m": 60, "minute": 60, "h": 3600, "hour": 3600}[match["unit"]]
+        rate = float(match["n"]) / per
+        if rate > 0:
+            return rate
+    raise ConfigError(f"expected a rate like '100/s', '30/m' or '1000/h', got {show(value)}")
+
+
+def _limit_key_value(value: object) -> str:
+    if value == "client_ip":
+        return value
+    if isinstance(value, str) and value.startswith("header:") and _TOKEN.fullmatch(value[7:]):
+        return "header:" + value[7:].lower()
+    raise ConfigError(f"expected client_ip or header:NAME, got {show(value)}")
+
+
+def _hash_key_value(value: object) -> str:
+    if value in ("client_ip", "uri"):
+        return str(value)
+    if isinstance(value, str) and value.startswith(("header:", "cookie:")) and _TOKEN.fullmatch(value[7:]):
+        kind, _, name = value.partition(":")
+        return f"{kind}:{name.lower() if kind == 'header' else name}"
+    raise ConfigError(f"expected client_ip, uri, header:NAME or cookie:NAME, got {show(value)}")
 
 
 # --- the schema tables: YAML key -> (dataclass attribute, converter) ------------------------------------
@@ -577,6 +742,9 @@ _CONNECTIONS: Schema = {
     "acquire_timeout": ("acquire_timeout_s", _duration(positive=True)),
     "max_waiting": ("max_waiting", _integer(0)),
 }
+_HASH: Schema = {"key": ("key", _scalar(_hash_key_value))}
+_STICKY: Schema = {"cookie": ("cookie", _STRING), "ttl": ("ttl_s", _duration(positive=True)),
+                   "secret": ("secret", _STRING)}
 _POOL: Schema = {
     "balance": ("balance", _choice(*BALANCE_POLICIES)), "spawn": ("spawn", _section(SpawnConfig, _SPAWN)),
     "servers": ("servers", _servers), "health": ("health", _section(HealthConfig, _HEALTH)),
@@ -584,9 +752,30 @@ _POOL: Schema = {
     "connections": ("connections", _connections), "retries": ("retries", _integer(0, 10)),
     "passive": ("passive", _section(PassiveConfig, _PASSIVE)), "slow_start": ("slow_start_s", _duration()),
     "tls": ("tls", _section(UpstreamTLSConfig, _UPSTREAM_TLS)),
+    "hash": ("hash", _section(HashConfig, _HASH)), "sticky": ("sticky", _section(StickyConfig, _STICKY)),
 }
-_ROUTE: Schema = {"name": ("name", _STRING), "path_prefix": ("path_prefix", _scalar(_url_path_value)),
-                  "host": ("host", _hostname), "pool": ("pool", _route_pool)}
+_HEADER_RULES: Schema = {"set": ("set", _header_pairs), "add": ("add", _header_pairs),
+                         "remove": ("remove", _header_names)}
+_REDIRECT: Schema = {"to": ("to", _scalar(_location_value)),
+                     "status": ("status", _scalar(_redirect_status_value)),
+                     "keep_path": ("keep_path", _scalar(_boolean_value))}
+_RESPOND: Schema = {"status": ("status", _integer(200, 599)), "body": ("body", _scalar(_any_text_value)),
+                    "content_type": ("content_type", _STRING)}
+_BASIC_AUTH: Schema = {"realm": ("realm", _STRING), "users": ("users", _users)}
+_RATE_LIMIT: Schema = {"rate": ("rate", _scalar(_rate_value)), "burst": ("burst", _integer(0)),
+                       "key": ("key", _scalar(_limit_key_value)), "max_keys": ("max_keys", _integer(1))}
+_ROUTE: Schema = {"name": ("name", _STRING), "host": ("host", _scalar(_route_host_value)),
+                  "path_prefix": ("path_prefix", _scalar(_url_path_value)), "methods": ("methods", _methods),
+                  "headers": ("headers", _match_headers), "pool": ("pool", _route_pool),
+                  "strip_prefix": ("strip_prefix", _scalar(_boolean_value)),
+                  "add_prefix": ("add_prefix", _scalar(_url_path_value)),
+                  "request_headers": ("request_headers", _section(HeaderRules, _HEADER_RULES)),
+                  "response_headers": ("response_headers", _section(HeaderRules, _HEADER_RULES)),
+                  "allow": ("allow", _cidrs), "deny": ("deny", _cidrs),
+                  "basic_auth": ("basic_auth", _section(BasicAuthConfig, _BASIC_AUTH, required=("users",))),
+                  "rate_limit": ("rate_limit", _section(RateLimitConfig, _RATE_LIMIT, required=("rate",))),
+                  "redirect": ("redirect", _section(RedirectConfig, _REDIRECT, required=("to",))),
+                  "respond": ("respond", _section(RespondConfig, _RESPOND))}
 _CONFIG: Schema = {
     "listen": ("listen", _listen), "admin": ("admin", _section(AdminConfig, _ADMIN)),
     "processes": ("processes", _scalar(_processes_value)), "log": ("log", _section(LogConfig, _LOG)),
@@ -601,7 +790,9 @@ _SCHEMAS: dict[type, Schema] = {
     UpstreamTLSConfig: _UPSTREAM_TLS, AdminConfig: _ADMIN, LogConfig: _LOG, ShutdownConfig: _SHUTDOWN,
     LimitsConfig: _LIMITS, PoolConfig: _POOL, SpawnConfig: _SPAWN, ServerConfig: _SERVER,
     HealthConfig: _HEALTH, TimeoutsConfig: _TIMEOUTS, ConnectionsConfig: _CONNECTIONS, RouteConfig: _ROUTE,
-    ClientTimeoutsConfig: _CLIENT_TIMEOUTS, PassiveConfig: _PASSIVE,
+    ClientTimeoutsConfig: _CLIENT_TIMEOUTS, PassiveConfig: _PASSIVE, HeaderRules: _HEADER_RULES,
+    RedirectConfig: _REDIRECT, RespondConfig: _RESPOND, BasicAuthConfig: _BASIC_AUTH,
+    RateLimitConfig: _RATE_LIMIT, HashConfig: _HASH, StickyConfig: _STICKY,
 }
 
 
@@ -610,7 +801,11 @@ def config_keys() -> list[str]:
     pool's name, ``[]`` for a list item (``pools.NAME.servers[].weight``). Driven by the same schema
     tables as parsing, so the README's reference can be checked against it."""
     nested = {"listen[]": _LISTEN, "listen[].tls": _SERVER_TLS, "listen[].tls.certificates[]": _CERTIFICATE,
-              "pools.NAME.tls": _UPSTREAM_TLS, "admin": _ADMIN, "log": _LOG, "shutdown": _SHUTDOWN,
+              "pools.NAME.tls": _UPSTREAM_TLS, "pools.NAME.hash": _HASH, "pools.NAME.sticky": _STICKY,
+              "routes[].request_headers": _HEADER_RULES, "routes[].response_headers": _HEADER_RULES,
+              "routes[].redirect": _REDIRECT, "routes[].respond": _RESPOND,
+              "routes[].basic_auth": _BASIC_AUTH, "routes[].rate_limit": _RATE_LIMIT, "admin": _ADMIN,
+              "log": _LOG, "shutdown": _SHUTDOWN,
               "limits": _LIMITS,
               "timeouts": _CLIENT_TIMEOUTS, "pools.NAME": _POOL, "routes[]": _ROUTE,
               "pools.NAME.spawn": _SPAWN, "pools.NAME.servers[]": _SERVER, "pools.NAME.health": _HEALTH,
@@ -636,7 +831,7 @@ def _dump(value: Any, attr: str = "") -> Any:
         return {name: _dump(pool) for name, pool in value.items()}
     if attr == "expect":
         return f"{value[0]}-{value[1]}"
-    if attr == "env":
+    if attr in ("env", "headers", "set", "add", "users"):
         return {name: _dump(text) for name, text in value}
     if isinstance(value, tuple):
         return [_dump(item) for item in value]

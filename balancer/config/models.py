@@ -206,6 +206,25 @@ class ConnectionsConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class HashConfig:
+    """``balance: hash``: what a request's key is: ``client_ip``, ``uri``, ``header:NAME`` or
+    ``cookie:NAME``."""
+
+    key: str = "client_ip"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StickyConfig:
+    """Sticky sessions: the first response sets ``cookie`` (HMAC-signed with ``secret``; None: one
+    made per balancer instance), and later requests carrying it go back to that backend while it
+    is up."""
+
+    cookie: str = "lb"
+    ttl_s: float = 3600.0
+    secret: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PoolConfig:
     """A named set of backends: spawned workers, fixed ``servers``, or both (never neither).
 
@@ -223,18 +242,79 @@ class PoolConfig:
     passive: PassiveConfig = PassiveConfig()
     slow_start_s: float = 0.0            # readmitted backends ramp from 10% to full weight; 0 = off
     tls: UpstreamTLSConfig | None = None
+    hash: HashConfig = HashConfig()
+    sticky: StickyConfig | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HeaderRules:
+    """Header edits, applied in this order: ``remove``, then ``set`` (replaces), then ``add``."""
+
+    set: tuple[tuple[str, str], ...] = ()
+    add: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RedirectConfig:
+    """Answer with a redirect to ``to``; ``keep_path`` appends the path after the route's prefix and
+    the query."""
+
+    to: str
+    status: int = 302
+    keep_path: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RespondConfig:
+    """Answer from balancer itself."""
+
+    status: int = 200
+    body: str = ""
+    content_type: str = "text/plain; charset=utf-8"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BasicAuthConfig:
+    """HTTP Basic authentication against bcrypt hashes: ``users`` as (name, hash) pairs."""
+
+    realm: str = "restricted"
+    users: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RateLimitConfig:
+    """A token bucket per key: ``rate`` tokens a second, up to ``burst``. ``key``: ``client_ip`` or
+    ``header:NAME`` (a request without the header is keyed by its client address). At most
+    ``max_keys`` buckets, least recently used dropped first."""
+
+    rate: float
+    burst: int = 0                 # 0: the rate rounded up (one second's worth)
+    key: str = "client_ip"
+    max_keys: int = 100_000
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RouteConfig:
-    """Requests whose path starts with ``path_prefix`` (and, if set, whose lower-cased Host is ``host``)
-    go to ``pool``.
-    """
+    """Requests that match (``host``, ``path_prefix`` on whole segments, ``methods``, ``headers``) go
+    to ``pool``, or are answered here (``redirect``, ``respond``); first match wins."""
 
     name: str
     path_prefix: str = "/"
-    host: str | None = None
-    pool: str
+    host: str | None = None        # lower case, no port; "*.example.com" matches one more label
+    methods: tuple[str, ...] = ()
+    headers: tuple[tuple[str, str], ...] = ()      # (lower-case name, exact value)
+    pool: str | None = None
+    strip_prefix: bool = False
+    add_prefix: str | None = None
+    request_headers: HeaderRules = HeaderRules()
+    response_headers: HeaderRules = HeaderRules()
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+    basic_auth: BasicAuthConfig | None = None
+    rate_limit: RateLimitConfig | None = None
+    redirect: RedirectConfig | None = None
+    respond: RespondConfig | None = None
 
 
 class PoolMap(Mapping[str, PoolConfig]):

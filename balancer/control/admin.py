@@ -362,6 +362,8 @@ class Admin:
             "windows": [name for name, _ in WINDOWS],
             "totals": totals,
             "listeners": b.listener_stats(),
+            "routes": {r.name: self.traffic.counters([k for k in self.traffic.cells if k[2] == r.name])
+                       for r in b.config.routes},
             "pools": {name: self.pool_snapshot(name) for name in b.registry.pools},
             "workers": [{"id": w.id, "pool": w.spec.pool, **w.info()} for w in b.supervisor.workers],
             "slowlog": {"threshold_ms": round(self.slowlog.threshold_s * 1000, 3), "kept": len(self.slowlog),

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -20,7 +21,7 @@ from ..config.models import ClientTimeoutsConfig, LimitsConfig, ListenConfig
 from ..dataplane import compiled
 from ..dataplane.connections import ConnectionTable
 from ..dataplane.frontdoor import FrontDoor
-from ..dataplane.headers import TrustedProxies
+from ..dataplane.headers import AddressSet
 from ..dataplane.proxy import PoolRuntime, Proxy
 from ..dataplane.record import RequestRecord
 from ..dataplane.tls import ClientTLS, ServerTLS, client_tls
@@ -38,9 +39,21 @@ from .wiring import connection_limits, health_policy, pool_runtime, router_for, 
 
 log = logging.getLogger(__name__)
 
+# The main process's secret for sticky cookies that have none configured; its proxy replicas (child
+# processes) read it from here, so that every process of one balancer signs alike.
+STICKY_SECRET_ENV = "BALANCER_STICKY_SECRET"
+
 # On shutdown, how long idle keep-alive clients may still send one more request (answered with
 # `Connection: close`) before their connections are closed.
 KEEPALIVE_GRACE_S = 1.0
+
+
+def sticky_secret() -> bytes:
+    """The process's secret for sticky cookies: its parent's (a replica), else a new one."""
+    secret = os.environ.get(STICKY_SECRET_ENV)
+    if not secret:
+        secret = os.environ[STICKY_SECRET_ENV] = os.urandom(32).hex()
+    return bytes.fromhex(secret)
 
 
 @dataclass
@@ -60,6 +73,7 @@ class Balancer:
         cfg = self.config
         self.started_at = time.time()
         self._upstream_tls: dict[str, ClientTLS | None] = {}     # pool name -> TLS to its backends
+        self.sticky_secret = sticky_secret()
         self.registry = Registry()
         self.connections = ConnectionTable()
         self.health = HealthChecker(self.registry)
@@ -75,7 +89,7 @@ class Balancer:
         self.registry.alive_listeners.append(self.health.on_alive_changed)
         self.registry.alive_listeners.append(self.passive.on_alive_changed)
         self.proxy = Proxy(router_for(cfg), runtimes, self.connections,
-                           TrustedProxies(cfg.trusted_proxies), cfg.limits)
+                           AddressSet(cfg.trusted_proxies), cfg.limits)
         self.proxy.add_outcome_listener(self.passive.on_outcome)
         self.admin = Admin(self) if cfg.admin is not None else None
         # Off by default, and then not an observer at all: zero cost per request.
@@ -106,7 +120,7 @@ class Balancer:
         backend_set.subscribe(lambda b, ready: self.connections.on_readiness(b.id, ready))
         self.passive.add_pool(p.name, p.passive)
         self.slow_start.add_pool(backend_set, p.slow_start_s)
-        return pool_runtime(p, backend_set)
+        return pool_runtime(p, backend_set, self.sticky_secret)
 
     def attach_backend(self, backend: Backend, p: PoolConfig | None = None) -> None:
         """Give a backend its connections (BackendConnections) and (if configured) its health checks."""

@@ -30,7 +30,7 @@ from typing import Protocol
 
 from ..config.models import ClientTimeoutsConfig, Config, LimitsConfig, ListenConfig, PoolConfig
 from ..dataplane.connections import ConnectionTable
-from ..dataplane.headers import TrustedProxies
+from ..dataplane.headers import AddressSet
 from ..dataplane.proxy import PoolRuntime, Proxy
 from ..dataplane.tls import ServerTLS
 from ..lb.health import HealthChecker
@@ -60,6 +60,8 @@ class Reloadable(Protocol):
     def connections(self) -> ConnectionTable: ...
     @property
     def before_routes_swap(self) -> Callable[[], None] | None: ...
+    @property
+    def sticky_secret(self) -> bytes: ...
 
     def setup_pool(self, p: PoolConfig) -> PoolRuntime: ...
     def attach_backend(self, backend: Backend, p: PoolConfig | None = None) -> None: ...
@@ -101,7 +103,7 @@ class Reload:
         # 3. Routing and client-side settings; requests in flight keep what they hold.
         if b.before_routes_swap is not None:
             b.before_routes_swap()
-        b.proxy.apply(router_for(new), TrustedProxies(new.trusted_proxies), new.limits)
+        b.proxy.apply(router_for(new, b.proxy.router), AddressSet(new.trusted_proxies), new.limits)
         b.apply_client_settings(new.limits, new.timeouts)
         if new.routes != old.routes:
             self.changes.append("routes replaced")
@@ -191,7 +193,7 @@ class Reload:
             b.set_upstream_tls(new)
             self.changes.append(f"pool {new.name}: TLS to backends changed")
         # The runtime: selector, timeouts, retries.
-        b.proxy.set_pool(pool_runtime(new, backend_set))
+        b.proxy.set_pool(pool_runtime(new, backend_set, b.sticky_secret))
         if (new.balance, new.timeouts, new.retries) != (old.balance, old.timeouts, old.retries):
             self.changes.append(f"pool {new.name}: balance/timeouts/retries applied")
         self._update_spawn(old, new)

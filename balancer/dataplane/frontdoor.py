@@ -343,12 +343,14 @@ class Exchange:
             transport.write(self._frame(status, reason, fields, len(body)) + body)
         self.finished = True
 
-    def send_error(self, status: int, kind: str, request_id: bytes = b"", close: bool = False) -> None:
+    def send_error(self, status: int, kind: str, request_id: bytes = b"", close: bool = False,
+                   extra: bytes = b"") -> None:
         """balancer's own short answer (503, 502, 400, ...): text body, ``X-Balancer-Error: kind``,
-        ``Retry-After`` on 503, the request id when there is one."""
+        ``Retry-After`` on 503 (unless ``extra`` fields say when), the request id when there is one."""
         body = b"%d %s\n" % (status, reason(status))
-        fields = b"Content-Type: text/plain; charset=utf-8\r\nX-Balancer-Error: %s\r\n" % kind.encode()
-        if status == 503:
+        fields = b"Content-Type: text/plain; charset=utf-8\r\nX-Balancer-Error: %s\r\n%b" % (
+            kind.encode(), extra)
+        if status == 503 and b"Retry-After" not in extra:
             fields += b"Retry-After: 1\r\n"
         if request_id:
             fields += b"X-Request-ID: " + request_id + b"\r\n"

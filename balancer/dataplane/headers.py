@@ -51,8 +51,9 @@ def connection_tokens(values: Iterable[bytes]) -> frozenset[bytes]:
 _NO_TOKENS: frozenset[bytes] = frozenset()
 
 
-class TrustedProxies:
-    """Which peers may hand us ``X-Forwarded-*`` values that we keep and extend."""
+class AddressSet:
+    """Client addresses in some networks: the trusted proxies (whose ``X-Forwarded-*`` values we keep
+    and extend), a route's ``allow`` and ``deny``. Lookups are cached, bounded."""
 
     __slots__ = ("_cache", "_networks")
 
@@ -79,9 +80,11 @@ class TrustedProxies:
 class RequestHead:
     """What one pass over the client's header fields produced (see :func:`request_fields`)."""
 
-    __slots__ = ("fields", "host", "request_id", "size", "upgrade")
+    __slots__ = ("fields", "forwarded_for", "host", "request_id", "size", "upgrade")
 
-    def __init__(self, fields: bytes, request_id: bytes, host: bytes, upgrade: bytes, size: int) -> None:
+    def __init__(self, fields: bytes, request_id: bytes, host: bytes, upgrade: bytes, size: int,
+                 forwarded_for: bytes = b"") -> None:
+        self.forwarded_for = forwarded_for  # a trusted peer's X-Forwarded-For, as received
         self.fields = fields            # the header block for the backend, CRLF-terminated lines
         self.request_id = request_id    # kept from the client if well-formed, else new
         self.host = host                # Host (or the absolute-form authority), for routing
@@ -167,7 +170,44 @@ def request_fields(headers: RawHeaders, client_ip: bytes, trusted: bool, authori
     if forwarded_host or host:
         added += (b"X-Forwarded-Host: ", forwarded_host or host, b"\r\n")
     added += (b"X-Request-ID: ", request_id, b"\r\n")
-    return RequestHead(b"".join(added), request_id, host, upgrade, size)
+    return RequestHead(b"".join(added), request_id, host, upgrade, size, forwarded_for)
+
+
+def client_address(peer: str, forwarded_for: bytes, trusted: AddressSet) -> str:
+    """The client a trusted proxy speaks for: the last ``X-Forwarded-For`` entry that is not a
+    trusted proxy itself (entries are appended left to right, so the rightmost are the surest);
+    the peer when there is none."""
+    for entry in reversed(forwarded_for.split(b",")):
+        address = entry.strip().decode("latin-1")
+        if address and address not in trusted:
+            return address if _ADDRESS.fullmatch(address) else peer
+    return peer
+
+
+_ADDRESS = re.compile(r"[0-9A-Fa-f.:]{2,45}")
+
+
+class HeaderEdits:
+    """A route's header rules on a header block: remove (and the names ``set`` replaces), then the
+    ``set`` and ``add`` lines."""
+
+    __slots__ = ("_append", "_drop", "_probes")
+
+    def __init__(self, set_: tuple[tuple[str, str], ...], add: tuple[tuple[str, str], ...],
+                 remove: tuple[str, ...]) -> None:
+        self._drop = frozenset(n.lower().encode() for n in (*remove, *(name for name, _ in set_)))
+        # "\nname:" in the lower-cased block (with a CRLF before it) finds a field line to drop.
+        self._probes = tuple(b"\n" + name + b":" for name in self._drop)
+        self._append = b"".join(f"{name}: {value}\r\n".encode("latin-1") for name, value in (*set_, *add))
+
+    def apply(self, block: bytes) -> bytes:
+        """The block with the rules applied. The usual case, none of the names present, costs one
+        lower-casing of the block (in C), not a pass over its lines."""
+        if self._probes:
+            lowered = b"\n" + block.lower()
+            if any(probe in lowered for probe in self._probes):
+                block = _without(block, self._drop)
+        return block + self._append
 
 
 def request_host(headers: RawHeaders) -> bytes:

@@ -53,13 +53,24 @@ from ..errors import (
     UpstreamResponseTimeout,
     UpstreamSendTimeout,
 )
+from ..lb.hashing import ConsistentHash
 from ..lb.registry import Backend, BackendSet
 from ..lb.selection import Selector
+from .affinity import StickyCookie, request_key
 from .connections import BackendConnections, ConnectionTable
-from .frontdoor import Exchange, RequestBody
-from .headers import RequestHead, TrustedProxies, request_fields, request_host, response_fields
+from .frontdoor import Exchange, RequestBody, reason
+from .guards import Refused
+from .headers import (
+    AddressSet,
+    HeaderEdits,
+    RequestHead,
+    client_address,
+    request_fields,
+    request_host,
+    response_fields,
+)
 from .record import RequestRecord
-from .routing import Router
+from .routing import PathEscapesRoot, Route, Router, normalise_path
 from .throttledlog import ThrottledLog
 from .tunnel import Tunnel
 from .upstream import ResponseHead, UpstreamConnection
@@ -107,6 +118,9 @@ class PoolRuntime:
     read_timeout_s: float
     retries: int
     send_timeout_s: float = 60.0
+    hasher: ConsistentHash | None = None     # balance: hash (then also the selector)
+    hash_by: str = "client_ip"
+    sticky: StickyCookie | None = None
 
 
 class Lease:
@@ -146,7 +160,7 @@ class Proxy:
     """The data-port handler. One instance per process; all state is in the registry and pools."""
 
     def __init__(self, router: Router, pools: dict[str, PoolRuntime],
-                 connections: ConnectionTable, trusted: TrustedProxies,
+                 connections: ConnectionTable, trusted: AddressSet,
                  limits: LimitsConfig | None = None) -> None:
         self.limits = limits or LimitsConfig()
         self.router = router
@@ -168,7 +182,7 @@ class Proxy:
 
     # --- what the owner may change (start-up, reload, shutdown) ---------------------------------------
 
-    def apply(self, router: Router, trusted: TrustedProxies, limits: LimitsConfig) -> None:
+    def apply(self, router: Router, trusted: AddressSet, limits: LimitsConfig) -> None:
         """A reload's routes and client-side settings; a request in flight keeps what it holds."""
         self.router = router
         self.trusted = trusted
@@ -211,10 +225,26 @@ class Proxy:
         try:
             if entrance.redirect_https is not None:
                 return self._redirect(request, record, entrance.redirect_https)
-            route = self._route(request, target, record, entrance.scheme)
-            if route is None:
+            routed = self._route(request, target, record, entrance.scheme)
+            if routed is None:
                 return                  # answered already: refused, no route, too large
-            runtime, head_info, target = route
+            route, head_info, target = routed
+            guards = route.guards
+            if guards is not None:
+                try:
+                    if guards.auth is None:
+                        guards.check_addresses(record.client)
+                        guards.check_rate(record.client, request.headers)
+                    else:
+                        await guards.check(record.client, request.headers)
+                except Refused as refused:
+                    return self._fail(request, record, refused.status, refused.kind,
+                                      close=refused.status == 401 and request.body is not None,
+                                      extra=refused.fields)
+            if route.pool is None:
+                return self._answer_here(request, record, route, target)
+            runtime = self.pools[route.pool]
+            edits = route.response_edits
             method = request.method
             upgrade = head_info.upgrade
             tunnel = request.upgrade and bool(upgrade) and upgrade.lower() != b"h2c"
@@ -235,7 +265,10 @@ class Proxy:
                 else:
                     framing = b""
                 line = b"".join((method.encode(), b" ", target, b" HTTP/1.1\r\n"))
-                rest = head_info.fields + framing + b"\r\n"
+                fields = head_info.fields
+                if route.request_edits is not None:
+                    fields = route.request_edits.apply(fields)
+                rest = fields + framing + b"\r\n"
                 lease, conn, response_head = await self._exchange(
                     runtime, request, line, rest, not head_info.host, body, streamed_body, retry_ok,
                     tunnel, record)
@@ -247,10 +280,15 @@ class Proxy:
                     self._failure_log.log(kind, "%s %r -> %d (%s): %s", method, target[:200], status,
                                               kind, exc)
                 return self._fail(request, record, status, kind, close=status < 500)
+            sticky = runtime.sticky
+            append = b""
+            if sticky is not None and sticky.backend_id(request.headers) != lease.backend.id:
+                append = sticky.set_cookie(lease.backend.id)
             if tunnel and response_head.status == 101:
                 await self._tunnel(request, lease, conn, response_head, record)
-            elif not self._send_complete(request, lease, conn, response_head, record):
-                await self._stream_back(request, runtime, lease, conn, response_head, record)
+            elif not self._send_complete(request, lease, conn, response_head, record, edits, append):
+                await self._stream_back(request, runtime, lease, conn, response_head, record, edits,
+                                        append)
         except (ClientError, asyncio.CancelledError) as exc:
             record.error = "client_timeout" if isinstance(exc, ClientBodyTimeout) else "client_gone"
             raise
@@ -275,9 +313,10 @@ class Proxy:
         return body, False
 
     def _route(self, request: Exchange, target: bytes, record: RequestRecord, scheme: bytes
-               ) -> tuple[PoolRuntime, RequestHead, bytes] | None:
-        """The checks and the routing before any backend is involved: the pool, the header block for
-        the backend and the origin-form target; or None when the request was answered here."""
+               ) -> tuple[Route, RequestHead, bytes] | None:
+        """The checks and the routing before any backend is involved: the route, the header block for
+        the backend and the target to send (origin form, rewritten if the route says so); or None when
+        the request was answered here."""
         authority = None
         if target[:1] != b"/" and target != b"*":
             # Absolute form (RFC 9112 3.2.2): the target's authority replaces Host, and the backend
@@ -287,9 +326,12 @@ class Proxy:
                 self._fail(request, record, 400, "refused", close=True)
                 return None
             authority, target = split
-        head_info = request_fields(request.headers, request.client_ip_bytes,
-                                   record.client in self.trusted, authority, self._request_ids.next, scheme)
+        trusted = record.client in self.trusted
+        head_info = request_fields(request.headers, request.client_ip_bytes, trusted, authority,
+                                   self._request_ids.next, scheme)
         record.request_id = head_info.request_id
+        if trusted and head_info.forwarded_for:
+            record.client = client_address(record.client, head_info.forwarded_for, self.trusted)
         refused = request.refused
         if refused is not None:
             status, why = refused
@@ -297,17 +339,29 @@ class Proxy:
                      why)
             self._fail(request, record, status, "refused", close=True)
             return None
-        route = self.router.match(head_info.host, target)
+        cut = target.find(b"?")
+        path, query = (target, b"") if cut == -1 else (target[:cut], target[cut:])
+        if path[:1] == b"/":
+            try:
+                path = normalise_path(path)
+            except PathEscapesRoot:
+                self._fail(request, record, 400, "refused", close=True)
+                return None
+        route = self.router.match(head_info.host, path, request.method, request.headers)
         if route is None:
             self._fail(request, record, 404, "no_route")
             return None
         record.route = route.name
-        record.pool = route.pool
+        record.pool = route.pool or ""
         max_body = self.limits.max_body
         if max_body and (request.content_length or 0) > max_body:
             self._fail(request, record, 413, "body_too_large", close=True)
             return None
-        return self.pools[route.pool], head_info, target
+        if route.rewrites:
+            target = route.rewrite(path, query)
+        elif route.redirect is not None and route.redirect[2]:
+            target = route.remainder(path) + query
+        return route, head_info, target
 
     def _redirect(self, request: Exchange, record: RequestRecord, port: int) -> None:
         """A plain-HTTP listener with ``redirect_https``: 308 to the same target over HTTPS (308, not
@@ -332,10 +386,31 @@ class Proxy:
                            body, len(body))
 
     def _fail(self, request: Exchange, record: RequestRecord, status: int, kind: str,
-              close: bool = False) -> None:
+              close: bool = False, extra: bytes = b"") -> None:
         record.status = status
         record.error = kind
-        request.send_error(status, kind, record.request_id, close=close or self.draining)
+        request.send_error(status, kind, record.request_id, close=close or self.draining, extra=extra)
+
+    def _answer_here(self, request: Exchange, record: RequestRecord, route: Route, target: bytes) -> None:
+        """A route that answers itself: ``respond`` or ``redirect``."""
+        edits = route.response_edits
+        if route.respond is not None:
+            status, body, content_type = route.respond
+            fields = b"Content-Type: " + content_type + b"\r\n"
+        else:
+            assert route.redirect is not None
+            to, status, keep_path = route.redirect
+            location = to.rstrip(b"/") + target if keep_path else to
+            body = b"%d %s\n" % (status, reason(status))
+            fields = b"Location: " + location + b"\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        fields += b"X-Request-ID: " + record.request_id + b"\r\n"
+        if edits is not None:
+            fields = edits.apply(fields)
+        record.status = status
+        if request.body is not None or self.draining:
+            request.force_close()        # the body is not read: the connection cannot be reused
+        request.send_whole(status, reason(status), fields, b"" if request.method == "HEAD" else body,
+                           len(body))
 
     async def _exchange(self, runtime: PoolRuntime, request: Exchange, line: bytes, rest: bytes,
                         needs_host: bool, body: list[bytes], streamed_body: bool, retry_ok: bool,
@@ -355,13 +430,22 @@ class Proxy:
         fresh_within = None if retry_ok else SAFE_REUSE_S
         is_head = request.method == "HEAD"
         head = line + rest
+        hasher = runtime.hasher
+        key = request_key(runtime.hash_by, record.client, request.target, request.headers) \
+            if hasher is not None else None
+        sticky_id = runtime.sticky.backend_id(request.headers) if runtime.sticky is not None else None
         for attempt_no in range(tries):
             # A request that never left costs a backend nothing to try again: only retries of
             # requests that reached one spend the retry budget.
             if attempt_no and (time.monotonic() >= deadline or (
                     not (last_exc is not None and never_sent(last_exc)) and not self._budget.take())):
                 break
-            backend = runtime.selector.pick(backends.ready, backends.version, tried)
+            backend = None
+            if sticky_id is not None:
+                backend = next((b for b in backends.ready if b.id == sticky_id and b not in tried), None)
+            if backend is None:
+                backend = hasher.pick(backends.ready, backends.version, tried, key) if hasher is not None \
+                    else runtime.selector.pick(backends.ready, backends.version, tried)
             if backend is None:
                 if last_exc is not None:
                     raise last_exc
@@ -444,7 +528,8 @@ class Proxy:
         return sent
 
     def _send_complete(self, request: Exchange, lease: Lease, conn: UpstreamConnection,
-                       head: ResponseHead, record: RequestRecord) -> bool:
+                       head: ResponseHead, record: RequestRecord, edits: HeaderEdits | None,
+                       append: bytes) -> bool:
         """Frame the response for the client; if it is complete already (the common small one), send
         it in one write, framed by its now known length (even if the backend sent it chunked), and
         finish the attempt. False: the body must be streamed (:meth:`_stream_back`)."""
@@ -460,8 +545,11 @@ class Proxy:
         ok = head.status < 502
         try:
             body = b"" if is_head else conn.take_body()
-            request.send_whole(head.status, head.reason, response_fields(head.headers, record.request_id),
-                               body, None if head.chunked else head.content_length)
+            fields = response_fields(head.headers, record.request_id)
+            if edits is not None:
+                fields = edits.apply(fields)
+            request.send_whole(head.status, head.reason, fields + append, body,
+                               None if head.chunked else head.content_length)
             record.bytes_out = len(body)
         except ClientGone:
             record.error = "client_gone"
@@ -471,13 +559,17 @@ class Proxy:
         return True
 
     async def _stream_back(self, request: Exchange, runtime: PoolRuntime, lease: Lease,
-                           conn: UpstreamConnection, head: ResponseHead, record: RequestRecord) -> None:
+                           conn: UpstreamConnection, head: ResponseHead, record: RequestRecord,
+                           edits: HeaderEdits | None, append: bytes) -> None:
         """A response whose body is still arriving: stream it, chunked to the client if its length is
         unknown, with the upstream trailers after the last chunk."""
         ok = True
         sent = 0
         try:
-            request.start(head.status, head.reason, response_fields(head.headers, record.request_id),
+            fields = response_fields(head.headers, record.request_id)
+            if edits is not None:
+                fields = edits.apply(fields)
+            request.start(head.status, head.reason, fields + append,
                           None if head.chunked else head.content_length)
             if request.method != "HEAD":
                 while True:

@@ -26,6 +26,7 @@ from collections.abc import Callable, Collection, Sequence
 from functools import reduce
 from typing import Protocol
 
+from .hashing import ConsistentHash
 from .registry import Backend
 
 # Longest precomputed round-robin cycle; beyond it (huge co-prime weights) each pick runs one step.
@@ -232,6 +233,7 @@ SELECTORS: dict[str, Callable[[], Selector]] = {
     "round_robin": RoundRobin,
     "least_loaded": LeastLoaded,
     "p2c": PowerOfTwoChoices,
+    "hash": ConsistentHash,        # picks by key (balancer.lb.hashing); without one it spreads
 }
 
 

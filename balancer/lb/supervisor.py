@@ -42,6 +42,9 @@ from .registry import Backend, Registry
 
 log = logging.getLogger(__name__)
 
+# balancer's own secrets in its environment, for its proxy replicas: never handed to workers.
+PRIVATE_ENV = frozenset({"BALANCER_STICKY_SECRET"})
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -336,7 +339,8 @@ class Supervisor:
         """Start the process and wait until it accepts connections. False if it never did."""
         spec, backend = worker.spec, worker.backend
         argv = build_command(spec.spawn.command, backend.port, worker.id)
-        env = {**os.environ, **dict(spec.spawn.env),
+        inherited = {k: v for k, v in os.environ.items() if k not in PRIVATE_ENV}
+        env = {**inherited, **dict(spec.spawn.env),
                "BALANCER_PORT": str(backend.port), "BALANCER_HOST": backend.host,
                "BALANCER_WORKER_ID": worker.id, "BALANCER_PARENT_PID": str(os.getpid()),
                "BALANCER_KEEPALIVE_TIMEOUT": f"{spec.spawn.keepalive_timeout_s:g}"}
