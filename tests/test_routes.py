@@ -274,3 +274,22 @@ def test_check_warns_of_a_shadowed_route(caplog: pytest.LogCaptureFixture) -> No
 def test_check_refuses_bad_route_values(route: str, problem: str) -> None:
     with pytest.raises(ConfigError, match=problem):
         parse_config(f"pools: {{web: {{servers: [127.0.0.1:9001]}}}}\nroutes:\n  - {route}\n", "x.yaml")
+
+
+def test_the_hashing_key_of_each_kind() -> None:
+    from balancer.dataplane.affinity import request_key
+    headers = [(b"X-User", b"u1"), (b"Cookie", b"a=1; session=s9")]
+    assert request_key("client_ip", "10.0.0.1", b"/x?y", headers) == b"10.0.0.1"
+    assert request_key("uri", "10.0.0.1", b"/x?y", headers) == b"/x?y"
+    assert request_key("header:x-user", "10.0.0.1", b"/", headers) == b"u1"
+    assert request_key("cookie:session", "10.0.0.1", b"/", headers) == b"s9"
+    assert request_key("cookie:other", "10.0.0.1", b"/", headers) == b"10.0.0.1"     # absent: the client
+
+
+def test_a_configured_sticky_secret_is_shared_and_a_foreign_one_refused() -> None:
+    from balancer.dataplane.affinity import StickyCookie
+    ours, replica, theirs = (StickyCookie("lb", 60, secret) for secret in (b"k1", b"k1", b"k2"))
+    line = ours.set_cookie("web/127.0.0.1:9001").decode()
+    cookie = [(b"Cookie", line.split(": ", 1)[1].split(";")[0].encode())]
+    assert replica.backend_id(cookie) == "web/127.0.0.1:9001"
+    assert theirs.backend_id(cookie) is None
