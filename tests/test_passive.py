@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -185,7 +186,8 @@ async def test_consecutive_502s_eject_a_backend_until_ejection_time_ends(
     servers = [await aiohttp_server(flaky_app(f"b{i}", s)) for i, s in enumerate(states)]
     balancer = await balancer_factory(pool_config(
         [s.port for s in servers],
-        "    passive: {consecutive_failures: 3, ejection_time: 300ms, max_ejected_percent: 50}\n"))
+        "    passive: {consecutive_failures: 3, ejection_time: 300ms, max_ejected_percent: 50,\n"
+        "              statuses: [502, 503, 504]}\n"))
     bad = balancer.registry.find(f"web/127.0.0.1:{servers[0].port}")
     url = f"http://127.0.0.1:{balancer.port}/"
     statuses = []
@@ -218,7 +220,7 @@ async def test_ejected_backend_returns_through_active_checks(
     servers = [await aiohttp_server(flaky_app(f"b{i}", s)) for i, s in enumerate(states)]
     balancer = await balancer_factory(pool_config(
         [s.port for s in servers],
-        "    passive: {consecutive_failures: 2, ejection_time: 200ms}\n"
+        "    passive: {consecutive_failures: 2, ejection_time: 200ms, statuses: [503]}\n"
         "    health: {interval: 1s, timeout: 500ms, rise: 3, fall: 3}\n"))
     bad = balancer.registry.find(f"web/127.0.0.1:{servers[0].port}")
     async with aiohttp.ClientSession() as session:
@@ -246,7 +248,7 @@ async def test_max_ejected_percent_holds_when_every_backend_fails(
     servers = [await aiohttp_server(flaky_app(f"b{i}", s)) for i, s in enumerate(states)]
     balancer = await balancer_factory(pool_config(
         [s.port for s in servers],
-        "    passive: {consecutive_failures: 2, ejection_time: 30s, max_ejected_percent: 50}\n"))
+        "    passive: {consecutive_failures: 2, ejection_time: 30s, max_ejected_percent: 50, statuses: [502]}\n"))
     pool = balancer.registry.pool("web")
     async with aiohttp.ClientSession() as session:
         for _ in range(40):
@@ -269,3 +271,57 @@ async def test_client_errors_and_500_do_not_eject(
             async with session.get(f"http://127.0.0.1:{balancer.port}/") as resp:
                 assert resp.status == status
     assert len(balancer.registry.pool("web").ready) == 2
+
+
+async def start_app(app: web.Application, port: int = 0) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port, reuse_address=True).start()
+    return runner, int(runner.addresses[0][1])
+
+
+async def test_a_killed_backend_is_ejected_then_readmitted_by_its_checks_within_a_second(
+        balancer_factory: Any) -> None:
+    """Passive health at its defaults decides when a backend leaves (transport failures), the active
+    checks when it returns: with interval 1s and rise 2, within a second of it accepting again, long
+    before the 30 s ejection would end. Clients see no failure (GETs are retried elsewhere)."""
+    runners = [await start_app(flaky_app(f"b{i}", {})) for i in range(3)]
+    servers = ", ".join(f"{{address: 127.0.0.1:{port}}}" for _, port in runners)
+    balancer = await balancer_factory(
+        "listen: {host: 127.0.0.1, port: 0}\npools:\n  web:\n"
+        f"    servers: [{servers}]\n    health: {{interval: 1s, timeout: 500ms, rise: 2}}\n")
+    victim_runner, victim_port = runners[0]
+    victim = balancer.registry.find(f"web/127.0.0.1:{victim_port}")
+    statuses: list[int] = []
+    stop = False
+
+    async def load() -> None:
+        async with aiohttp.ClientSession() as session:
+            while not stop:
+                async with session.get(f"http://127.0.0.1:{balancer.port}/") as resp:
+                    await resp.read()
+                    statuses.append(resp.status)
+
+    task = asyncio.create_task(load())
+    try:
+        await async_wait_until(lambda: len(statuses) > 50, message="load running")
+        await victim_runner.cleanup()                                  # killed: connections refused
+        killed_at = time.monotonic()
+        await async_wait_until(lambda: victim.ejected, timeout=5, message="ejected by passive health")
+        ejected_after = time.monotonic() - killed_at
+        assert victim.reason.startswith("passive: 5 consecutive failures")
+        restarted, _ = await start_app(flaky_app("b0", {}), victim_port)
+        runners[0] = (restarted, victim_port)
+        back_at = time.monotonic()
+        await async_wait_until(lambda: victim.is_ready, timeout=5, interval=0.01, message="readmitted")
+        readmitted_after = time.monotonic() - back_at
+        assert readmitted_after <= 1.0, readmitted_after
+        assert ejected_after < 2.0
+    finally:
+        stop = True
+        await task
+        for runner, _ in runners:
+            await runner.cleanup()
+    print(f"\nkilled -> ejected {ejected_after * 1000:.0f} ms; accepting -> readmitted "
+          f"{readmitted_after * 1000:.0f} ms; {len(statuses)} requests, {sum(s != 200 for s in statuses)} failed")
+    assert set(statuses) == {200}

@@ -504,6 +504,10 @@ def _any_text_value(value: object) -> str:
     raise ConfigError(f"expected a string, got {show(value)}")
 
 
+def _statuses(reader: Reader, node: yaml.Node, path: str) -> tuple[int, ...]:
+    return tuple(_integer(100, 599)(reader, item, where) for item, where in reader.items(node, path))
+
+
 def _route_pool(reader: Reader, node: yaml.Node, path: str) -> str:
     name = _STRING(reader, node, path)
     if name not in reader.pool_names:
@@ -718,6 +722,7 @@ _PASSIVE: Schema = {
     "ejection_time": ("ejection_time_s", _duration(positive=True)),
     "max_ejection_time": ("max_ejection_time_s", _duration(positive=True)),
     "max_ejected_percent": ("max_ejected_percent", _integer(0, 100)),
+    "statuses": ("statuses", _statuses),
 }
 _SPAWN: Schema = {
     "command": ("command", _command), "count": ("count", _integer(1, 256)), "env": ("env", _env),

@@ -124,15 +124,17 @@ class ClientTimeoutsConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PassiveConfig:
-    """Passive health: ``consecutive_failures`` connect errors or 502-504 eject a backend for
-    ``ejection_time_s`` x times ejected (capped at ``max_ejection_time_s``); never more than
-    ``max_ejected_percent`` of a pool at once."""
+    """Passive health: ``consecutive_failures`` transport failures (connect errors, resets, empty
+    replies, timeouts), or responses with a status in ``statuses``, eject a backend for
+    ``ejection_time_s`` x times ejected (capped at ``max_ejection_time_s``) or until its active checks
+    pass ``rise`` times; never more than ``max_ejected_percent`` of a pool at once."""
 
     enabled: bool = True
     consecutive_failures: int = 5
     ejection_time_s: float = 30.0
     max_ejection_time_s: float = 300.0
     max_ejected_percent: int = 50
+    statuses: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

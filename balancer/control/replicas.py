@@ -219,10 +219,10 @@ class ProxyProcesses:
                 record = _record(values)
                 for observer in b.remote_observers():
                     observer(record)
-            for backend_id, ok in message.get("outcomes", ()):
+            for backend_id, ok, status in message.get("outcomes", ()):
                 backend = backends.get(backend_id)
                 if backend is not None:
-                    b.proxy.report_outcome(backend, ok)
+                    b.proxy.report_outcome(backend, ok, status)
             if "in_flight" in message:
                 replica.in_flight = message["in_flight"]
                 self._apply_in_flight()
@@ -290,7 +290,7 @@ class ReplicaLink:
         self._on_stop = on_stop
         self._on_reload = on_reload
         self._records: list[list[Any]] = []
-        self._outcomes: list[tuple[str, bool]] = []
+        self._outcomes: list[tuple[str, bool, int]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self.first_state = asyncio.Event()
         self.last_states: list[dict[str, Any]] = []
@@ -298,7 +298,8 @@ class ReplicaLink:
     async def start(self) -> None:
         reader, self._writer = await asyncio.open_connection(sock=socket.socket(fileno=self._fd))
         self.balancer.proxy.add_observer(lambda r: self._records.append(record_values(r)))
-        self.balancer.proxy.add_outcome_listener(lambda b, ok: self._outcomes.append((b.id, ok)))
+        self.balancer.proxy.add_outcome_listener(
+            lambda b, ok, status: self._outcomes.append((b.id, ok, status)))
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._listen(reader)), loop.create_task(self._report())]
 

@@ -126,12 +126,13 @@ class PoolRuntime:
 class Lease:
     """One attempt's hold on a backend: its in-flight count and a pooled connection, taken when the
     attempt starts and given back exactly once by :meth:`finish`, with the attempt's outcome for
-    passive health (``None``: no verdict on the backend)."""
+    passive health: whether the exchange itself worked (``None``: no verdict on the backend) and the
+    response's status (0: none)."""
 
     __slots__ = ("_outcome", "backend", "conn", "connections", "done")
 
     def __init__(self, backend: Backend, connections: BackendConnections,
-                 outcome: Callable[[Backend, bool], None]) -> None:
+                 outcome: Callable[[Backend, bool, int], None]) -> None:
         self.backend = backend
         self.connections = connections
         self.conn: UpstreamConnection | None = None
@@ -146,14 +147,14 @@ class Lease:
             self.conn = None
             self.connections.release(conn)
 
-    def finish(self, ok: bool | None) -> None:
+    def finish(self, ok: bool | None, status: int = 0) -> None:
         if self.done:
             return
         self.done = True
         self.backend.in_flight -= 1
         self.drop_connection()
         if ok is not None:
-            self._outcome(self.backend, ok)
+            self._outcome(self.backend, ok, status)
 
 
 class Proxy:
@@ -169,7 +170,7 @@ class Proxy:
         self._connections_by_id = connections.by_id
         self.trusted = trusted
         # Passive health: told (backend, ok) after every attempt that reached a verdict.
-        self._outcome_listeners: list[Callable[[Backend, bool], None]] = []
+        self._outcome_listeners: list[Callable[[Backend, bool, int], None]] = []
         # Metrics, access log, slow log: told every finished request.
         self.observers: tuple[Callable[[RequestRecord], None], ...] = ()
         self.requests = 0
@@ -199,18 +200,20 @@ class Proxy:
         """``observer`` is told every finished request."""
         self.observers = (*self.observers, observer)
 
-    def add_outcome_listener(self, listener: Callable[[Backend, bool], None]) -> None:
-        """``listener`` is told (backend, ok) after every attempt that reached a verdict."""
+    def add_outcome_listener(self, listener: Callable[[Backend, bool, int], None]) -> None:
+        """``listener`` is told (backend, ok, status) after every attempt that reached a verdict:
+        ``ok`` False for a transport failure (connect error, reset, empty reply, timeout, a body cut),
+        ``status`` the response's (0 when there was none)."""
         self._outcome_listeners.append(listener)
 
     def start_draining(self) -> None:
         """Shutdown: every response from now on carries ``Connection: close``."""
         self.draining = True
 
-    def report_outcome(self, backend: Backend, ok: bool) -> None:
+    def report_outcome(self, backend: Backend, ok: bool, status: int = 0) -> None:
         """An attempt's verdict on ``backend``: ours, or one another proxy process reported."""
         for listener in self._outcome_listeners:
-            listener(backend, ok)
+            listener(backend, ok, status)
     async def handle(self, request: Exchange) -> None:
         """Serve one request; every path ends with the response finished (or the client connection
         abandoned) and the record observed."""
@@ -542,7 +545,6 @@ class Proxy:
                     and head.status not in (204, 304)):
                 request.force_close()    # a close-delimited upstream body
             return False
-        ok = head.status < 502
         try:
             body = b"" if is_head else conn.take_body()
             fields = response_fields(head.headers, record.request_id)
@@ -555,7 +557,7 @@ class Proxy:
             record.error = "client_gone"
             request.abandon()
         finally:
-            lease.finish(ok)
+            lease.finish(True, head.status)
         return True
 
     async def _stream_back(self, request: Exchange, runtime: PoolRuntime, lease: Lease,
@@ -594,7 +596,7 @@ class Proxy:
             request.abandon()
         finally:
             record.bytes_out = sent
-            lease.finish(ok and head.status < 502)
+            lease.finish(ok, head.status)
 
     async def _tunnel(self, request: Exchange, lease: Lease, conn: UpstreamConnection, head: ResponseHead,
                       record: RequestRecord) -> None:
@@ -618,7 +620,7 @@ class Proxy:
                 record.bytes_in += tunnel.bytes_up
                 record.bytes_out = tunnel.bytes_down
             conn.close("upgrade")
-            lease.finish(True)
+            lease.finish(True, 101)
 
 class RetryBudget:
     """Retries may add at most ``ratio`` extra load (Envoy's retry budget, Finagle's RetryBudget).

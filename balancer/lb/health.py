@@ -59,7 +59,7 @@ class HealthTracker:
     and from then on it takes ``rise`` passes in a row to come up.
     """
 
-    __slots__ = ("epoch", "fails", "fall", "fresh", "healthy", "passes", "rise")
+    __slots__ = ("epoch", "fails", "fall", "fresh", "healthy", "passes", "probation", "rise")
 
     def __init__(self, rise: int, fall: int, healthy: bool = False) -> None:
         self.rise = rise
@@ -68,6 +68,7 @@ class HealthTracker:
         self.fresh = not healthy
         self.passes = 0
         self.fails = 0
+        self.probation = False          # counting passes toward the end of a passive ejection
         # Bumped by every reset: a probe that started before it must not count after it.
         self.epoch = 0
 
@@ -75,11 +76,28 @@ class HealthTracker:
         """A new process behind the same slot: unhealthy until its first pass."""
         self.healthy = False
         self.fresh = True
+        self.probation = False
         self.passes = self.fails = 0
         self.epoch += 1
 
+    def start_probation(self) -> None:
+        """Count ``rise`` passes in a row from now without changing health (a passive ejection
+        began): :meth:`record` says when they are done."""
+        self.probation = True
+        self.passes = 0
+        self.epoch += 1
+
+    def end_probation(self) -> bool:
+        """True once, when ``rise`` passes in a row have been counted since :meth:`start_probation`
+        and the backend is healthy."""
+        if self.probation and self.healthy and self.passes >= self.rise:
+            self.probation = False
+            return True
+        return False
+
     def require_rise(self) -> None:
         """Unhealthy until ``rise`` passes in a row, counted from now (a passive ejection ended)."""
+        self.probation = False
         self.healthy = self.fresh = False
         self.passes = self.fails = 0
         self.epoch += 1
@@ -105,7 +123,7 @@ class HealthTracker:
     @property
     def is_settled(self) -> bool:
         """Steadily up: probe at the normal interval (otherwise at the fast one)."""
-        return self.healthy and self.fails == 0
+        return self.healthy and self.fails == 0 and not self.probation
 
     def __repr__(self) -> str:
         return (f"<HealthTracker {'healthy' if self.healthy else 'unhealthy'} passes={self.passes} "
@@ -123,6 +141,7 @@ class HealthChecker:
         self._rand = rand
         self._checks: dict[str, tuple[Backend, HealthConfig, HealthTracker, asyncio.Event]] = {}
         self._tls: dict[str, tuple[ssl.SSLContext, str]] = {}    # backend id -> (context, server name)
+        self._recovery_listeners: list[Callable[[Backend], None]] = []
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._session: aiohttp.ClientSession | None = None
 
@@ -138,6 +157,10 @@ class HealthChecker:
         self._checks[backend.id] = (backend, policy, tracker, asyncio.Event())
         if self._session is not None:
             self._start_task(backend.id)
+
+    def add_recovery_listener(self, listener: Callable[[Backend], None]) -> None:
+        """``listener`` is told each time a backend's checks pass ``rise`` times and it is healthy."""
+        self._recovery_listeners.append(listener)
 
     def set_tls(self, backend: Backend, tls: ssl.SSLContext | None, server_name: str | None) -> None:
         """Reload: the backend's probes speak HTTPS with ``tls`` from the next one on (None: HTTP)."""
@@ -174,6 +197,18 @@ class HealthChecker:
 
     def policy(self, backend: Backend) -> HealthConfig:
         return self._checks[backend.id][1]
+
+    def start_probation(self, backend: Backend) -> bool:
+        """A passive ejection began: count ``rise`` passes in a row from now, probing at the fast
+        interval, and tell the recovery listeners when they are done. False when ``backend`` has no
+        active checks."""
+        entry = self._checks.get(backend.id)
+        if entry is None:
+            return False
+        _, _, tracker, wake = entry
+        tracker.start_probation()
+        wake.set()
+        return True
 
     def require_rise(self, backend: Backend, reason: str) -> bool:
         """Unhealthy until ``rise`` checks in a row pass (a passive ejection ended); probe now.
@@ -226,6 +261,9 @@ class HealthChecker:
                 flip = tracker.record(ok)
                 if flip is not None:
                     self._report(backend, flip, reason)
+                elif tracker.end_probation():
+                    for listener in self._recovery_listeners:
+                        listener(backend)
             interval = policy.interval_s if tracker.is_settled else fast_interval_s(policy)
             if tracker.fresh:
                 interval = min(interval, 0.1)  # a starting worker: admit it as soon as it answers
@@ -240,6 +278,8 @@ class HealthChecker:
         if healthy:
             log.info("backend %s is up: health check passed (%s)", backend.id, reason)
             self.registry.set_healthy(backend, True, "")
+            for listener in self._recovery_listeners:
+                listener(backend)
         else:
             log.warning("backend %s is down: health check failed (%s)", backend.id, reason)
             self.registry.set_healthy(backend, False, f"health: {reason}")

@@ -2,9 +2,12 @@
 
 Theory of operation
 -------------------
-The proxy reports every attempt's outcome (``Proxy.outcome_listeners``): ``ok=False`` for a connect
-error or timeout, a backend that closed before answering, a status of 502 or above, or a body cut by the
-backend; ``ok=True`` for everything else, client-side trouble included. :class:`PassiveTracker` (pure:
+The proxy reports every attempt's outcome (``Proxy.add_outcome_listener``): ``ok=False`` for a
+transport failure (a connect error or timeout, a backend that closed before answering, a response
+timeout, a body cut by the backend), else ``ok=True`` with the response's status. A failure is a
+transport failure, or a status listed in ``passive.statuses`` (none by default: as nginx's
+``max_fails``, statuses count only when configured, so a client cannot eject a backend by asking for a
+URL that answers 503). :class:`PassiveTracker` (pure:
 no clock of its own, no I/O) counts *consecutive* failures per backend, as Envoy's outlier detection
 and nginx's ``max_fails`` do; one success resets the count.
 
@@ -19,10 +22,13 @@ succeed once a peer returns) when:
 * the backend is the last ready one in its pool (a failing backend beats a 503 for everyone).
 
 :class:`PassiveHealth` is the async shell: it turns decisions into ``Registry.set_ejected`` calls, owns
-one loop timer per ejection and, when a timer fires, sends the backend back: through the active checks
-if the pool has them (unhealthy until ``rise`` passes, :meth:`HealthChecker.require_rise`), directly
-otherwise. A worker process that exits ends its ejection at once: its replacement is a new process and
-passes the readiness gate like any other.
+one loop timer per ejection. With active checks, passive ejection decides when a backend leaves and
+the checks decide when it returns (HAProxy's ``observe``): the backend must pass ``rise`` checks in a
+row from its ejection on (:meth:`HealthChecker.start_probation`; probes run at the fast interval
+meanwhile), and the moment it has, the ejection ends; the timer is only the longest it lasts (then
+it is readmitted after ``rise`` passes counted afresh, :meth:`HealthChecker.require_rise`).
+Without active checks the timer alone sends it back. A worker process that exits ends its ejection
+at once: its replacement is a new process and passes the readiness gate like any other.
 
 Transitions, per backend (``record`` / ``decide`` / ``end``)::
 
@@ -167,6 +173,8 @@ class PassiveHealth:
         self._clock = clock
         self._trackers: dict[str, PassiveTracker] = {}
         self._timers: dict[Backend, asyncio.TimerHandle] = {}
+        if health is not None:
+            health.add_recovery_listener(self._on_recovered)
 
     def add_pool(self, pool: str, policy: PassiveConfig) -> None:
         if policy.enabled:
@@ -175,10 +183,10 @@ class PassiveHealth:
     def tracker(self, pool: str) -> PassiveTracker | None:
         return self._trackers.get(pool)
 
-    def on_outcome(self, backend: Backend, ok: bool) -> None:
-        """Proxy listener: one attempt on ``backend`` succeeded or failed."""
+    def on_outcome(self, backend: Backend, ok: bool, status: int = 0) -> None:
+        """Proxy listener: one attempt on ``backend`` worked or failed, and its status."""
         tracker = self._trackers.get(backend.pool)
-        if tracker is not None and tracker.record(backend, ok):
+        if tracker is not None and tracker.record(backend, ok and status not in tracker.policy.statuses):
             self._threshold(tracker, backend)
 
     def _threshold(self, tracker: PassiveTracker, backend: Backend) -> None:
@@ -195,8 +203,22 @@ class PassiveHealth:
         log.warning("backend %s ejected for %gs (%s; ejection #%d)", backend.id, decision.duration_s,
                     decision.reason, decision.count)
         self.registry.set_ejected(backend, True, decision.reason)
+        if self.health is not None:
+            # `rise` passing checks in a row from now end the ejection (_on_recovered).
+            self.health.start_probation(backend)
         self._timers[backend] = asyncio.get_running_loop().call_later(
             decision.duration_s, self._on_timer, backend, decision.duration_s)
+
+    def _on_recovered(self, backend: Backend) -> None:
+        """Active checks passed ``rise`` times in a row: an ejection ends now."""
+        tracker = self._trackers.get(backend.pool)
+        if tracker is None or not tracker.end(backend, self._clock()):
+            return
+        timer = self._timers.pop(backend, None)
+        if timer is not None:
+            timer.cancel()
+        log.info("backend %s: health checks pass again: ejection over, back in rotation", backend.id)
+        self.registry.set_ejected(backend, False, "")
 
     def _on_timer(self, backend: Backend, duration_s: float) -> None:
         self._timers.pop(backend, None)
@@ -204,11 +226,12 @@ class PassiveHealth:
         if not tracker.end(backend, self._clock()):
             return
         if self.health is not None and self.health.is_checked(backend):
+            # The checks have been counting since the ejection (unhealthy until `rise` passes):
+            # the backend stays out until they are done.
             rise = self.health.policy(backend).rise
             why = f"passive: ejection over, waiting for {rise} passing checks"
             log.info("backend %s: ejection of %gs over; readmitted after %d passing checks",
                      backend.id, duration_s, rise)
-            # Unhealthy first, then not ejected: readiness never flips on in between.
             self.health.require_rise(backend, why)
             self.registry.set_ejected(backend, False, why)
         else:

@@ -215,9 +215,10 @@ class Traffic:
                 failed = True
         cell.window.add(int(r.start + seconds), seconds, failed)
 
-    def on_outcome(self, backend: Backend, ok: bool) -> None:
-        """Proxy outcome listener: called after every attempt that reached a verdict."""
-        if not ok:
+    def on_outcome(self, backend: Backend, ok: bool, status: int = 0) -> None:
+        """Proxy outcome listener: called after every attempt that reached a verdict. A failed
+        attempt is a transport failure or a 502-504 from the backend."""
+        if not ok or 502 <= status <= 504:
             self.failed_attempts[backend.id] = self.failed_attempts.get(backend.id, 0) + 1
 
     def _new_cell(self, pool: str, backend: str, route: str) -> Cell:
