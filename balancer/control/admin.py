@@ -88,7 +88,6 @@ class Admin:
         self.token = cfg.token
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
-        self._workers: dict[str, Worker] = {w.id: w for w in balancer.supervisor.workers}
         self.traffic = Traffic()
         self.slowlog = SlowLog(cfg.slowlog_threshold_s, cfg.slowlog_size)
         balancer.proxy.add_observer(self.traffic.observe)
@@ -104,6 +103,15 @@ class Admin:
             config_sha256=balancer.config.text_hash, extra=self._extra_metrics))
         self._dashboard: bytes | None = None
         self._connection_baselines: dict[str, dict[str, Any]] = {}
+
+    def _worker(self, backend_id: str) -> Worker | None:
+        """The spawned worker behind a backend, as the supervisor has it now (workers come and go)."""
+        return next((w for w in self.balancer.supervisor.workers if w.id == backend_id), None)
+
+    def forget_backend(self, backend: Backend) -> None:
+        """A backend gone for good: its statistics series go (its counts stay in its pool's)."""
+        self.traffic.forget_backend(backend.pool, backend.id)
+        self._connection_baselines.pop(backend.id, None)
 
     def application(self) -> web.Application:
         app = web.Application(middlewares=[self._auth])
@@ -156,7 +164,7 @@ class Admin:
         """up, down, ejected, draining, disabled, or quarantined (a worker that crashed too often)."""
         state = backend.state
         if state == "down":
-            worker = self._workers.get(backend.id)
+            worker = self._worker(backend.id)
             if worker is not None and worker.state is WorkerState.QUARANTINED:
                 return "quarantined"
         return state
@@ -334,7 +342,7 @@ class Admin:
         # "pool" here is the backend's connection figures: the key predates the word's one meaning,
         # and scripts read it.
         data["pool"] = self._connection_view(backend.id, conns.snapshot()) if conns is not None else None
-        worker = self._workers.get(backend.id)
+        worker = self._worker(backend.id)
         if worker is not None:
             data["worker"] = worker.info()
         return data

@@ -29,7 +29,7 @@ from ..errors import ConfigError
 from ..lb.health import HealthChecker, SlowStart
 from ..lb.passive import PassiveHealth
 from ..lb.registry import Backend, Registry, wait_drained
-from ..lb.supervisor import RestartPolicy, Supervisor
+from ..lb.supervisor import RestartPolicy, Supervisor, WorkerSpec
 from ..observe.accesslog import AccessLog
 from .admin import Admin
 from .listeners import Listeners, load_tls
@@ -83,6 +83,7 @@ class Balancer:
         self.supervisor = Supervisor(self.registry, [worker_spec(p) for p in cfg.pools.values() if p.spawn],
                                      policy=self.restart_policy, echo_stderr=self.echo_worker_stderr)
         self.supervisor.added_listeners.append(self.attach_backend)
+        self.supervisor.removed_listeners.append(self.forget_backend)
         runtimes: dict[str, PoolRuntime] = {}
         for p in cfg.pools.values():
             runtimes[p.name] = self.setup_pool(p)
@@ -143,9 +144,22 @@ class Balancer:
             self.health.set_tls(backend, tls.context if tls else None, tls.server_name if tls else None)
 
     async def detach_backend(self, backend: Backend) -> None:
-        """Undo attach_backend: close its connections, stop its checks."""
+        """Undo attach_backend for a backend that left (drained already): see forget_backend."""
+        task = self._forget(backend)
+        if task is not None:
+            await asyncio.gather(task, return_exceptions=True)
+
+    def forget_backend(self, backend: Backend) -> None:
+        """A backend gone for good (a retired worker, told by the supervisor): its connections,
+        probe task, passive state and statistics series go; nothing of it is left behind."""
+        self._forget(backend)
+
+    def _forget(self, backend: Backend) -> asyncio.Task[None] | None:
         self.connections.remove(backend.id)
-        await self.health.remove(backend.id)
+        self.passive.forget(backend)
+        if self.admin is not None:
+            self.admin.forget_backend(backend)
+        return self.health.forget(backend.id)
 
     @property
     def front_door(self) -> FrontDoor:
@@ -188,19 +202,25 @@ class Balancer:
     async def restart_workers(self) -> list[str]:
         """Replace every spawned worker surge-then-drain with the same settings (after a deploy)."""
         started = []
-        for name, spec in self.supervisor.specs.items():
-            p = self.config.pools[name]
-            timeout = spec.spawn.start_timeout_s + 10 * (p.health.interval_s if p.health else 2.0)
-
-            async def drain(backend: Backend) -> None:
-                self.registry.drain(backend)
-                await wait_drained(backend, self.config.shutdown.drain_timeout_s)
-
-            self.start_rollout(self.supervisor.replace(name, spec, ready_timeout=timeout, drain=drain,
-                                                       stop_timeout=self.config.shutdown.worker_stop_timeout_s),
-                               f"restart workers of {name}")
+        for name, spec in list(self.supervisor.specs.items()):
+            self.roll_out_workers(self.config.pools[name], spec, replace=True)
             started.append(f"pool {name}: workers replaced surge-then-drain")
         return started
+
+    def roll_out_workers(self, p: PoolConfig, spec: WorkerSpec, *, replace: bool) -> None:
+        """The one rollout of spawned workers, for reload and restart-workers, in the background:
+        ``replace`` every worker surge-then-drain (a new one ready before an old one drains), or
+        only scale to ``spec``'s count. Retiring waits ``shutdown.worker_stop_timeout``."""
+        ready = spec.spawn.start_timeout_s + 10 * (p.health.interval_s if p.health else 2.0)
+        stop = self.config.shutdown.worker_stop_timeout_s
+        run = self.supervisor.replace if replace else self.supervisor.scale
+        work = run(p.name, spec, ready_timeout=ready, drain=self.drain_backend, stop_timeout=stop)
+        self.start_rollout(work, f"{'replace' if replace else 'scale'} workers of {p.name}")
+
+    async def drain_backend(self, backend: Backend) -> None:
+        """No new requests to ``backend``; wait (up to ``shutdown.drain_timeout``) for those in flight."""
+        self.registry.drain(backend)
+        await wait_drained(backend, self.config.shutdown.drain_timeout_s)
 
     async def _reload_logged(self) -> None:
         try:

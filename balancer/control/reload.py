@@ -35,8 +35,8 @@ from ..dataplane.proxy import PoolRuntime, Proxy
 from ..dataplane.tls import ServerTLS
 from ..lb.health import HealthChecker
 from ..lb.passive import PassiveHealth
-from ..lb.registry import Backend, Registry, wait_drained
-from ..lb.supervisor import Supervisor, Worker
+from ..lb.registry import Backend, Registry
+from ..lb.supervisor import Supervisor, Worker, WorkerSpec
 from .wiring import connection_limits, health_policy, pool_runtime, router_for, worker_spec
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,8 @@ class Reloadable(Protocol):
     async def apply_listen(self, listen: tuple[ListenConfig, ...], timeouts: ClientTimeoutsConfig,
                            tls: list[ServerTLS | None]) -> list[str]: ...
     def set_upstream_tls(self, p: PoolConfig) -> None: ...
+    def roll_out_workers(self, p: PoolConfig, spec: WorkerSpec, *, replace: bool) -> None: ...
+    async def drain_backend(self, backend: Backend) -> None: ...
     def apply_client_settings(self, limits: LimitsConfig, timeouts: ClientTimeoutsConfig) -> None: ...
 
 
@@ -143,8 +145,7 @@ class Reload:
 
     async def _retire_worker(self, worker: Worker) -> None:
         b = self.b
-        b.registry.drain(worker.backend)
-        await wait_drained(worker.backend, self.new.shutdown.drain_timeout_s)
+        await b.drain_backend(worker.backend)
         await b.supervisor.retire(worker, self.new.shutdown.worker_stop_timeout_s)
 
     async def _update_pool(self, old: PoolConfig, new: PoolConfig) -> None:
@@ -207,25 +208,16 @@ class Reload:
                 self.changes.append(f"pool {new.name}: spawned workers removed (draining)")
             return
         spec = worker_spec(new)
-        timeout = new.spawn.start_timeout_s + 10 * (new.health.interval_s if new.health else 2.0)
         if old.spawn is None or _spawn_identity(old) != _spawn_identity(new):
-            b.start_rollout(b.supervisor.replace(new.name, spec, ready_timeout=timeout, drain=self._drain,
-                                                 stop_timeout=new.spawn.start_timeout_s),
-                            f"replace workers of {new.name}")
+            b.roll_out_workers(new, spec, replace=True)
             self.changes.append(f"pool {new.name}: workers replaced surge-then-drain")
         elif old.spawn.count != new.spawn.count:
-            b.start_rollout(b.supervisor.scale(new.name, spec, ready_timeout=timeout, drain=self._drain,
-                                               stop_timeout=new.spawn.start_timeout_s),
-                            f"scale {new.name}")
+            b.roll_out_workers(new, spec, replace=False)
             self.changes.append(f"pool {new.name}: workers {old.spawn.count} -> {new.spawn.count}")
-
-    async def _drain(self, backend: Backend) -> None:
-        self.b.registry.drain(backend)
-        await wait_drained(backend, self.new.shutdown.drain_timeout_s)
 
     async def _drain_then_detach(self, backend: Backend) -> None:
         b = self.b
-        await self._drain(backend)
+        await b.drain_backend(backend)
         backend_set = b.registry.pool(backend.pool)
         if backend_set.get(backend.id) is not None:
             backend_set.remove(backend.id)

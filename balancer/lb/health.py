@@ -171,12 +171,18 @@ class HealthChecker:
 
     async def remove(self, backend_id: str) -> None:
         """Stop checking a backend (it left the configuration)."""
+        task = self.forget(backend_id)
+        if task is not None:
+            await asyncio.gather(task, return_exceptions=True)
+
+    def forget(self, backend_id: str) -> asyncio.Task[None] | None:
+        """Stop checking a backend at once; returns its cancelled probe task (to await, or not)."""
         self._checks.pop(backend_id, None)
         self._tls.pop(backend_id, None)
         task = self._tasks.pop(backend_id, None)
         if task is not None:
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        return task
 
     def set_policy(self, backend: Backend, policy: HealthConfig) -> None:
         """New check settings (reload); the backend keeps its current health and counters."""

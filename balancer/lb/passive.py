@@ -147,6 +147,11 @@ class PassiveTracker:
         self.ejected -= 1
         return True
 
+    def forget(self, backend: Backend) -> None:
+        rec = self._records.pop(backend, None)
+        if rec is not None and rec.ejected:
+            self.ejected -= 1
+
     def reset(self, backend: Backend) -> None:
         """A new process: forget its failures (the multiplier stays, and decays)."""
         rec = self._records.get(backend)
@@ -250,6 +255,15 @@ class PassiveHealth:
                 timer.cancel()
             log.info("backend %s: ejection ended early: its process exited", backend.id)
             self.registry.set_ejected(backend, False, backend.reason)
+
+    def forget(self, backend: Backend) -> None:
+        """A backend left for good: its failure count, ejection and timer go with it."""
+        timer = self._timers.pop(backend, None)
+        if timer is not None:
+            timer.cancel()
+        tracker = self._trackers.get(backend.pool)
+        if tracker is not None:
+            tracker.forget(backend)
 
     async def aclose(self) -> None:
         for timer in self._timers.values():

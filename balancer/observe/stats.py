@@ -88,6 +88,19 @@ class Cell:
     def requests(self) -> int:
         return sum(self.classes)
 
+    def absorb(self, other: Cell) -> None:
+        """Add ``other``'s counts to these (a retired backend's, kept in its pool's totals)."""
+        self.classes = [a + b for a, b in zip(self.classes, other.classes, strict=True)]
+        for kind, n in other.errors.items():
+            self.errors[kind] = self.errors.get(kind, 0) + n
+        self.retries += other.retries
+        self.bytes_in += other.bytes_in
+        self.bytes_out += other.bytes_out
+        self.duration = [a + b for a, b in zip(self.duration, other.duration, strict=True)]
+        self.duration_sum += other.duration_sum
+        self.connect = [a + b for a, b in zip(self.connect, other.connect, strict=True)]
+        self.connect_sum += other.connect_sum
+
     def copy(self) -> Cell:
         other = Cell(self.window)
         other.classes = self.classes[:]
@@ -167,6 +180,16 @@ class StateClock:
     def reset(self) -> None:
         self._ejections_base = dict(self.ejections)
 
+    def forget(self, backend_id: str) -> None:
+        self._seen.pop(backend_id, None)
+        self.ejections.pop(backend_id, None)
+        self._ejections_base.pop(backend_id, None)
+
+
+# The backend label under which a pool keeps the counts of its retired backends: the pool's totals
+# stay monotonic while a retired backend's own series go away.
+RETIRED = "(retired)"
+
 
 class Traffic:
     """Per-request counters and windows; the observer and the read-side views."""
@@ -220,6 +243,28 @@ class Traffic:
         attempt is a transport failure or a 502-504 from the backend."""
         if not ok or 502 <= status <= 504:
             self.failed_attempts[backend.id] = self.failed_attempts.get(backend.id, 0) + 1
+
+    def forget_backend(self, pool: str, backend_id: str) -> None:
+        """A backend left for good (a retired worker, a removed server): its cells, window and
+        counters go; its counts are kept under ``(pool, RETIRED, route)``."""
+        for key in self._keys.pop((pool, backend_id), []):
+            cell = self.cells.pop(key)
+            retired = (pool, RETIRED, key[2])
+            into = self.cells.get(retired)
+            if into is None:
+                into = self._new_cell(*retired)
+            into.absorb(cell)
+            base = self._baseline.pop(key, None)
+            if base is not None:
+                kept = self._baseline.get(retired)
+                if kept is None:
+                    self._baseline[retired] = base
+                else:
+                    kept.absorb(base)
+        self.windows.pop((pool, backend_id), None)
+        self.failed_attempts.pop(backend_id, None)
+        self._failed_attempts_base.pop(backend_id, None)
+        self.states.forget(backend_id)
 
     def _new_cell(self, pool: str, backend: str, route: str) -> Cell:
         window = self.windows.get((pool, backend))
