@@ -124,3 +124,45 @@ async def test_reload_reaches_every_proxy_process(balancer_process: Any, backend
             return await backends_seen() == {"b1"}
 
         await async_wait_until(all_routed, timeout=10, message="every process routes /api to b1")
+
+
+async def test_every_request_of_two_processes_is_counted_and_a_drain_is_acknowledged(
+        balancer_process: Any) -> None:
+    """20,000 requests over many keep-alive connections (the kernel spreads them over both
+    processes): /stats counts every one. A drain answers once both processes have applied it."""
+    import asyncio
+
+    from tests.conftest import async_wait_until
+    proc = balancer_process(CONFIG)
+    port, admin, _ = await async_wait_until(lambda: _started(proc), timeout=30, message="both up")
+    request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    marker = b"HTTP/1.1 200 OK\r\n"
+
+    async def client(n: int) -> int:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        seen, data = 0, b""
+        for _ in range(n // 50):                  # 50 pipelined requests at a time
+            writer.write(request * 50)
+            target = seen + 50
+            while seen < target:
+                chunk = await reader.read(65536)
+                assert chunk, "connection closed"
+                data += chunk
+                seen = data.count(marker)
+        writer.close()
+        return seen
+
+    answered = sum(await asyncio.gather(*(client(1000) for _ in range(20))))
+    assert answered == 20_000
+
+    def counted() -> int:
+        return int(json.load(urllib.request.urlopen(f"http://127.0.0.1:{admin}/stats", timeout=5))
+                   ["totals"]["requests"])
+    await async_wait_until(lambda: counted() >= 20_000, timeout=10, message="all counted")
+    assert counted() == 20_000
+    # Acknowledged: right after the drain returns, no process sends web/1 a new request.
+    _post(f"http://127.0.0.1:{admin}/backends/web/1/drain")
+    backends = set()
+    for _ in range(40):                           # new connections: both processes answer
+        backends.add(_get(f"http://127.0.0.1:{port}/")[1]["X-Backend"])
+    assert backends == {"web/2"}

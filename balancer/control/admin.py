@@ -72,6 +72,7 @@ class Operated(Protocol):
     async def reload_file(self, path: str | None = None) -> list[str]: ...
     async def restart_workers(self) -> list[str]: ...
     def rollouts_running(self) -> bool: ...
+    async def sync_processes(self) -> None: ...
     def listener_stats(self) -> dict[str, dict[str, object]]: ...
     async def wait_rollouts(self, timeout: float) -> bool: ...
 
@@ -272,6 +273,8 @@ class Admin:
                 raise web.HTTPBadRequest(text=f"wait: {exc}\n") from None
         self.balancer.registry.set_admin(backend, state)
         self.traffic.states.note(backend.id, self.state_of(backend))
+        # Every proxy process has applied it before we answer (processes > 1).
+        await self.balancer.sync_processes()
         if wait_s is None:
             return web.json_response(self.backend_snapshot(backend))
         report = await self._wait_drained(backend, wait_s)
@@ -292,14 +295,15 @@ class Admin:
                 task.cancel()
             await asyncio.gather(waiter, stopping, return_exceptions=True)
         waited = time.monotonic() - start
-        report: dict[str, Any] = {"drained": backend.in_flight == 0, "waited_s": round(waited, 3),
-                                  "in_flight": backend.in_flight}
-        if backend.in_flight:
+        in_flight = backend.in_flight + backend.remote_in_flight
+        report: dict[str, Any] = {"drained": in_flight == 0, "waited_s": round(waited, 3),
+                                  "in_flight": in_flight}
+        if in_flight:
             conns = self.balancer.connections.get(backend.id)
             report["busy_connections"] = [c for c in (conns.connections() if conns else [])
                                           if c.get("state") != "idle"]
             log.warning("drain of %s: %d requests still in flight after %.1fs", backend.id,
-                        backend.in_flight, waited)
+                        in_flight, waited)
         return report
 
     def _find(self, request: web.Request) -> Backend:
@@ -331,7 +335,7 @@ class Admin:
             "ready": backend.is_ready, "alive": backend.alive, "healthy": backend.healthy,
             "admin": backend.admin.value, "reason": backend.reason, "weight": backend.weight,
             "effective_weight": round(backend.effective_weight, 3),
-            "in_flight": backend.in_flight, "spawned": backend.spawned,
+            "in_flight": backend.in_flight + backend.remote_in_flight, "spawned": backend.spawned,
             "ejections": traffic.states.ejections_since_reset(backend.id),
             "failed_attempts": traffic.failed_attempts_since_reset(backend.id),
         }

@@ -34,7 +34,7 @@ from ..observe.accesslog import AccessLog
 from .admin import Admin
 from .listeners import Listeners, load_tls
 from .reload import Reload
-from .replicas import ProxyProcesses
+from .replicas import SYNC_ACK_TIMEOUT_S, ProxyProcesses
 from .wiring import connection_limits, health_policy, pool_runtime, router_for, worker_spec
 
 log = logging.getLogger(__name__)
@@ -239,6 +239,12 @@ class Balancer:
         task = asyncio.get_running_loop().create_task(run(), name=name)
         self._rollouts.add(task)
         task.add_done_callback(self._rollouts.discard)
+
+    async def sync_processes(self) -> None:
+        """With proxy replicas: send them the registry now and wait until each applied it."""
+        if self.processes is not None and not await self.processes.sync():
+            log.warning("a proxy process did not confirm the registry change within %gs",
+                        SYNC_ACK_TIMEOUT_S)
 
     def rollouts_running(self) -> bool:
         return bool(self._rollouts)

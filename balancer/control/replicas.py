@@ -35,6 +35,7 @@ import logging
 import os
 import signal
 import socket
+import struct
 import sys
 import time
 from collections.abc import Callable
@@ -53,9 +54,48 @@ log = logging.getLogger(__name__)
 SYNC_INTERVAL_S = 0.02
 RESYNC_INTERVAL_S = 1.0
 BATCH_INTERVAL_S = 0.1
+# The channel: JSON messages, each after its length (4 bytes, big-endian); a longer one is an error
+# that restarts the replica, never a silent stop.
+FRAME = struct.Struct(">I")
+MAX_FRAME = 16 * 1024 * 1024
+# A replica whose channel is backed up this far stops writing until it drains; meanwhile it keeps up
+# to MAX_PENDING_RECORDS records, and folds the rest into counts per (pool, backend, route, status).
+HIGH_WATER = 1024 * 1024
+MAX_PENDING_RECORDS = 20_000
+SYNC_ACK_TIMEOUT_S = 2.0
+
+
+class ChannelError(Exception):
+    """The channel between the main process and a replica carried something it must not."""
+
+
+def frame(message: dict[str, Any]) -> bytes:
+    payload = json.dumps(message).encode()
+    if len(payload) > MAX_FRAME:
+        raise ChannelError(f"message of {len(payload)} bytes, over {MAX_FRAME}")
+    return FRAME.pack(len(payload)) + payload
+
+
+async def read_frame(reader: asyncio.StreamReader) -> dict[str, Any] | None:
+    """The next message; None at a clean end of the channel."""
+    try:
+        head = await reader.readexactly(FRAME.size)
+    except asyncio.IncompleteReadError as exc:
+        if not exc.partial:
+            return None
+        raise ChannelError("channel closed inside a frame header") from None
+    (size,) = FRAME.unpack(head)
+    if size > MAX_FRAME:
+        raise ChannelError(f"frame of {size} bytes, over {MAX_FRAME}")
+    try:
+        message: dict[str, Any] = json.loads(await reader.readexactly(size))
+    except asyncio.IncompleteReadError:
+        raise ChannelError("channel closed inside a frame") from None
+    return message
 _RECORD_FIELDS = ("start", "wall", "method", "client", "route", "pool", "backend", "status",
                   "upstream_status", "attempts", "error", "bytes_in", "bytes_out", "queue_s", "connect_s",
                   "ttfb_s", "total_s", "version", "listener")
+_TOTAL_S = _RECORD_FIELDS.index("total_s")
 
 
 class Host(Protocol):
@@ -110,6 +150,8 @@ class Replica:
         self.restarts = 0
         self.in_flight: dict[str, int] = {}
         self.last_exit = ""
+        self.acked = 0                    # the last snapshot it said it applied
+        self.acked_event = asyncio.Event()
 
     @property
     def pid(self) -> int | None:
@@ -129,6 +171,7 @@ class ProxyProcesses:
         self._stopping = False
         self._synced_version: object = None
         self._wake = asyncio.Event()
+        self._seq = 0
 
     async def start(self, ports: tuple[int, ...]) -> None:
         self.ports = ports
@@ -143,8 +186,27 @@ class ProxyProcesses:
         return tuple((name, s.version) for name, s in self.balancer.registry.pools.items())
 
     def snapshot(self) -> bytes:
+        self._seq += 1
         backends = [backend_state(b) for b in self.balancer.registry.backends()]
-        return json.dumps({"t": "state", "backends": backends}).encode() + b"\n"
+        return frame({"t": "state", "seq": self._seq, "backends": backends})
+
+    async def sync(self, timeout: float = SYNC_ACK_TIMEOUT_S) -> bool:
+        """Send the registry now and wait until every running replica says it applied it (an
+        operator's drain returns once every process stops sending new requests there)."""
+        self.broadcast(self.snapshot())
+        seq = self._seq
+        live = [r for r in self.replicas if r.writer is not None and not r.writer.is_closing()]
+        deadline = asyncio.get_running_loop().time() + timeout
+        for replica in live:
+            while replica.acked < seq and replica.writer is not None:
+                replica.acked_event.clear()
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    return False
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(left):
+                        await replica.acked_event.wait()
+        return True
 
     async def _sync_forever(self) -> None:
         last_sent = 0.0
@@ -169,7 +231,7 @@ class ProxyProcesses:
     def tell_reload(self) -> None:
         """The new backends first, then the reload: a replica that adds a pool finds its backends."""
         self.broadcast(self.snapshot())
-        self.broadcast(b'{"t": "reload"}\n')
+        self.broadcast(frame({"t": "reload"}))
 
     async def _run(self, replica: Replica) -> None:
         """Start the replica, feed it, restart it when it dies (backoff), until stopped."""
@@ -200,6 +262,7 @@ class ProxyProcesses:
         replica.writer.write(self.snapshot())
         log.info("proxy process %d pid %d started", replica.index, replica.process.pid)
         feed = asyncio.get_running_loop().create_task(self._feed(replica, reader))
+        feed.add_done_callback(lambda task: self._feed_ended(replica, task))
         code = await replica.process.wait()
         replica.last_exit = describe_exit(code)
         feed.cancel()
@@ -207,18 +270,40 @@ class ProxyProcesses:
         replica.writer.close()
         replica.writer = None
         replica.in_flight = {}
+        replica.acked_event.set()
         self._apply_in_flight()
 
+    def _feed_ended(self, replica: Replica, task: asyncio.Task[None]) -> None:
+        """The feed must not stop while its replica runs: if it does, the replica is restarted."""
+        if task.cancelled() or self._stopping:
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("proxy process %d: its channel failed (%s: %s); restarting it", replica.index,
+                      exc.__class__.__name__, exc)
+        if replica.process is not None and replica.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                replica.process.kill()
+
     async def _feed(self, replica: Replica, reader: asyncio.StreamReader) -> None:
-        """What the replica reports: request records, attempt outcomes, in-flight counts."""
+        """What the replica reports: request records (and counts of those it folded), attempt
+        outcomes, in-flight counts, acknowledgements."""
         b = self.balancer
-        while line := await reader.readline():
-            message = json.loads(line)
+        while (message := await read_frame(reader)) is not None:
             backends = {x.id: x for x in b.registry.backends()}
+            observers = b.remote_observers()
             for values in message.get("records", ()):
                 record = _record(values)
-                for observer in b.remote_observers():
+                for observer in observers:
                     observer(record)
+            for values, count in message.get("folded", ()):
+                for _ in range(count):
+                    record = _record(values)
+                    for observer in observers:
+                        observer(record)
+            if "ack" in message:
+                replica.acked = int(message["ack"])
+                replica.acked_event.set()
             for backend_id, ok, status in message.get("outcomes", ()):
                 backend = backends.get(backend_id)
                 if backend is not None:
@@ -239,7 +324,7 @@ class ProxyProcesses:
     async def aclose(self, drain_timeout: float) -> None:
         """Tell every replica to drain and exit; SIGKILL the ones still there after the deadline."""
         self._stopping = True
-        self.broadcast(json.dumps({"t": "stop", "timeout": drain_timeout}).encode() + b"\n")
+        self.broadcast(frame({"t": "stop", "timeout": drain_timeout}))
         running = [r.process for r in self.replicas if r.process is not None and r.pid is not None]
         for process in running:          # the same request by signal, should a replica not be listening
             with contextlib.suppress(ProcessLookupError):
@@ -290,6 +375,7 @@ class ReplicaLink:
         self._on_stop = on_stop
         self._on_reload = on_reload
         self._records: list[list[Any]] = []
+        self._folded: dict[str, tuple[list[Any], int]] = {}     # records over the cap, counted
         self._outcomes: list[tuple[str, bool, int]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self.first_state = asyncio.Event()
@@ -297,26 +383,47 @@ class ReplicaLink:
 
     async def start(self) -> None:
         reader, self._writer = await asyncio.open_connection(sock=socket.socket(fileno=self._fd))
-        self.balancer.proxy.add_observer(lambda r: self._records.append(record_values(r)))
-        self.balancer.proxy.add_outcome_listener(
-            lambda b, ok, status: self._outcomes.append((b.id, ok, status)))
+        self.balancer.proxy.add_observer(self._keep)
+        self.balancer.proxy.add_outcome_listener(self._keep_outcome)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._listen(reader)), loop.create_task(self._report())]
 
+    def _keep_outcome(self, backend: Backend, ok: bool, status: int) -> None:
+        if len(self._outcomes) < MAX_PENDING_RECORDS:      # past it (backed up): passive health is
+            self._outcomes.append((backend.id, ok, status))  # told the first ones, enough to eject
+
+    def _keep(self, record: RequestRecord) -> None:
+        """Observer: a finished request, to report. Past the cap (the channel is backed up), it is
+        folded into a count of requests like it, with their mean duration."""
+        if len(self._records) < MAX_PENDING_RECORDS:
+            self._records.append(record_values(record))
+            return
+        key = f"{record.pool}\0{record.backend}\0{record.route}\0{record.status}\0{record.error}"
+        held = self._folded.get(key)
+        if held is None:
+            self._folded[key] = (record_values(record), 1)
+        else:
+            values, count = held
+            values[_TOTAL_S] = (values[_TOTAL_S] * count + record.total_s) / (count + 1)
+            self._folded[key] = (values, count + 1)
+
     async def _listen(self, reader: asyncio.StreamReader) -> None:
-        while line := await reader.readline():
-            try:
-                message = json.loads(line)
-                if message["t"] == "state":
-                    self.last_states = message["backends"]
-                    self.apply(self.last_states)
-                    self.first_state.set()
-                elif message["t"] == "reload":
-                    self._on_reload()
-                elif message["t"] == "stop":
-                    self._on_stop(float(message["timeout"]))
-            except Exception:
-                log.exception("proxy process: bad message from the main process: %r", line[:200])
+        try:
+            while (message := await read_frame(reader)) is not None:
+                try:
+                    if message["t"] == "state":
+                        self.last_states = message["backends"]
+                        self.apply(self.last_states)
+                        self.first_state.set()
+                        self._writer.write(frame({"ack": message.get("seq", 0)}))
+                    elif message["t"] == "reload":
+                        self._on_reload()
+                    elif message["t"] == "stop":
+                        self._on_stop(float(message["timeout"]))
+                except Exception:
+                    log.exception("proxy process: bad message from the main process: %r", str(message)[:200])
+        except ChannelError as exc:
+            log.error("proxy process: channel from the main process failed: %s", exc)
         log.warning("main process gone: stopping")
         self._on_stop(1.0)
 
@@ -348,15 +455,21 @@ class ReplicaLink:
                 b.connections.remove(backend.id)
 
     async def _report(self) -> None:
+        transport = self._writer.transport
         while True:
             await asyncio.sleep(BATCH_INTERVAL_S)
+            if transport.get_write_buffer_size() > HIGH_WATER:
+                continue                # backed up: keep (and past the cap, fold) until it drains
             in_flight = {x.id: x.in_flight for x in self.balancer.registry.backends() if x.in_flight}
             message: dict[str, Any] = {"in_flight": in_flight}
             if self._records:
                 message["records"], self._records = self._records, []
+            if self._folded:
+                message["folded"] = list(self._folded.values())
+                self._folded = {}
             if self._outcomes:
                 message["outcomes"], self._outcomes = self._outcomes, []
-            self._writer.write(json.dumps(message).encode() + b"\n")
+            self._writer.write(frame(message))
 
     async def aclose(self) -> None:
         for task in self._tasks:
