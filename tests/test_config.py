@@ -201,7 +201,7 @@ def test_config_is_hashable_and_picklable() -> None:
     pytest.param("pools:\n  web:\n    servers: [a:1]\nroutes:\n  - path_prefix: /\n    pool: api\n",
                  "x.yaml:6: routes[0].pool: no pool named 'api' (pools: web)", id="missing-pool"),
     pytest.param("pools:\n  web: {balance: p2c}\n",
-                 "x.yaml:2: pools.web: empty pool: give `spawn` or at least one entry in `servers`",
+                 "x.yaml:2: pools.web: empty pool: give `spawn`, `discovery` or at least one entry in `servers`",
                  id="empty-pool"),
     pytest.param("pools:\n  web:\n    retries: 1\n    servers: [a:1]\n    retries: 2\n",
                  "x.yaml:5: pools.web.retries: duplicate key (first given on line 3)", id="duplicate-key"),
@@ -263,7 +263,7 @@ def test_config_is_hashable_and_picklable() -> None:
                  "x.yaml:1: pools.web.spawn.command: expected a non-empty command", id="empty-command"),
     pytest.param("pools: {web: {servers: [a:1, a:1]}}",
                  "x.yaml:1: pools.web.servers[1]: duplicate server 'a:1'", id="duplicate-server"),
-    pytest.param("base: &b {rise: 1}\n", "x.yaml:1: base: unknown key (allowed: listen, admin, processes, "
+    pytest.param("base: &b {rise: 1}\n", "x.yaml:1: base: unknown key (allowed: listen, monitor, admin, processes, "
                  "log, shutdown, limits, timeouts, trusted_proxies, pools, routes)", id="unknown-top-level"),
 ])
 def test_error_names_file_line_and_path(text: str, message: str) -> None:

@@ -36,6 +36,7 @@ import yaml
 
 from ..errors import ConfigError
 from .certificates import check_ca_file, expires_soon, inspect_certificate
+from .cpus import available_cpus
 from .models import (
     AdminConfig,
     BasicAuthConfig,
@@ -43,12 +44,14 @@ from .models import (
     ClientTimeoutsConfig,
     Config,
     ConnectionsConfig,
+    DiscoveryConfig,
     HashConfig,
     HeaderRules,
     HealthConfig,
     LimitsConfig,
     ListenConfig,
     LogConfig,
+    MonitorConfig,
     PassiveConfig,
     PoolConfig,
     PoolMap,
@@ -111,6 +114,11 @@ def parse_config(text: str, source: str = "<string>", environ: Mapping[str, str]
         raise reader.error(f"expected a mapping at the top level, got {shown}", root, "")
     _renamed_keys(reader, root)
     fields = reader.fields(root, "", _CONFIG, required=("pools",))
+    monitor = fields.get("monitor")
+    if monitor is not None and monitor.metrics and fields.get("admin") is None:
+        node = next(v for k, v in root.value if k.value == "monitor")
+        raise reader.error("metrics: true needs an admin section (its statistics back /metrics)", node,
+                           "monitor.metrics")
     if "routes" not in fields:
         fields["routes"] = (RouteConfig(name="default", pool=next(iter(fields["pools"]))),)
     return Config(source=source, text_hash=hashlib.sha256(text.encode()).hexdigest(), **fields)
@@ -267,7 +275,7 @@ def _renamed_keys(reader: Reader, root: yaml.MappingNode) -> None:
 
 def _processes_value(value: object) -> int:
     if value == "auto":
-        return os.cpu_count() or 1
+        return available_cpus()
     if _is_int(value) and value >= 1:
         return value
     raise ConfigError(f"expected an integer >= 1 or 'auto', got {show(value)}")
@@ -425,8 +433,9 @@ def _pool(reader: Reader, name: str, key_node: yaml.Node, node: yaml.Node, path:
         raise reader.error("a pool name may only use letters, digits, '_', '.' and '-'", key_node, path)
     fields = {} if reader.is_null(node, path) else reader.fields(node, path, _POOL)
     pool = PoolConfig(name=name, **fields)
-    if pool.spawn is None and not pool.servers:
-        raise reader.error("empty pool: give `spawn` or at least one entry in `servers`", key_node, path)
+    if pool.spawn is None and not pool.servers and pool.discovery is None:
+        raise reader.error("empty pool: give `spawn`, `discovery` or at least one entry in `servers`",
+                           key_node, path)
     return pool
 
 
@@ -506,6 +515,29 @@ def _any_text_value(value: object) -> str:
 
 def _statuses(reader: Reader, node: yaml.Node, path: str) -> tuple[int, ...]:
     return tuple(_integer(100, 599)(reader, item, where) for item, where in reader.items(node, path))
+
+
+def _resolvers(reader: Reader, node: yaml.Node, path: str) -> tuple[str, ...]:
+    found = []
+    for item, where in reader.items(node, path):
+        text = _STRING(reader, item, where)
+        host, _, port = text.rpartition(":") if text.count(":") == 1 else (text, "", "")
+        try:
+            ipaddress.ip_address(host.strip("[]"))
+            if port and not 1 <= int(port) <= 65535:
+                raise ValueError(port)
+        except ValueError:
+            raise reader.error(f"expected an IP address with an optional port, got {text!r}", item, where) \
+                from None
+        found.append(text)
+    return tuple(found)
+
+
+def _discovery(reader: Reader, node: yaml.Node, path: str) -> DiscoveryConfig:
+    discovery = DiscoveryConfig(**reader.fields(node, path, _DISCOVERY, required=("dns",)))
+    if discovery.type == "a" and not discovery.port:
+        raise reader.error("type a needs a port (SRV records carry their own)", node, path)
+    return discovery
 
 
 def _route_pool(reader: Reader, node: yaml.Node, path: str) -> str:
@@ -696,6 +728,7 @@ _LISTEN: Schema = {**_HOST_PORT, "name": ("name", _STRING),
 _UPSTREAM_TLS: Schema = {"enabled": ("enabled", _scalar(_boolean_value)),
                          "verify": ("verify", _scalar(_boolean_value)),
                          "ca": ("ca", _ca_file), "server_name": ("server_name", _hostname)}
+_MONITOR: Schema = {**_HOST_PORT, "metrics": ("metrics", _scalar(_boolean_value))}
 _ADMIN: Schema = {**_HOST_PORT, "token": ("token", _STRING),  # same checks, AdminConfig's defaults
                   "slowlog_threshold": ("slowlog_threshold_s", _duration()),
                   "slowlog_size": ("slowlog_size", _integer(1, 100000))}
@@ -748,6 +781,10 @@ _CONNECTIONS: Schema = {
     "max_waiting": ("max_waiting", _integer(0)),
 }
 _HASH: Schema = {"key": ("key", _scalar(_hash_key_value))}
+_DISCOVERY: Schema = {"dns": ("dns", _hostname), "port": ("port", _integer(1, 65535)),
+                      "type": ("type", _choice("a", "srv")),
+                      "interval": ("interval_s", _duration(positive=True)),
+                      "resolvers": ("resolvers", _resolvers)}
 _STICKY: Schema = {"cookie": ("cookie", _STRING), "ttl": ("ttl_s", _duration(positive=True)),
                    "secret": ("secret", _STRING)}
 _POOL: Schema = {
@@ -758,6 +795,7 @@ _POOL: Schema = {
     "passive": ("passive", _section(PassiveConfig, _PASSIVE)), "slow_start": ("slow_start_s", _duration()),
     "tls": ("tls", _section(UpstreamTLSConfig, _UPSTREAM_TLS)),
     "hash": ("hash", _section(HashConfig, _HASH)), "sticky": ("sticky", _section(StickyConfig, _STICKY)),
+    "discovery": ("discovery", _discovery),
 }
 _HEADER_RULES: Schema = {"set": ("set", _header_pairs), "add": ("add", _header_pairs),
                          "remove": ("remove", _header_names)}
@@ -782,7 +820,8 @@ _ROUTE: Schema = {"name": ("name", _STRING), "host": ("host", _scalar(_route_hos
                   "redirect": ("redirect", _section(RedirectConfig, _REDIRECT, required=("to",))),
                   "respond": ("respond", _section(RespondConfig, _RESPOND))}
 _CONFIG: Schema = {
-    "listen": ("listen", _listen), "admin": ("admin", _section(AdminConfig, _ADMIN)),
+    "listen": ("listen", _listen), "monitor": ("monitor", _section(MonitorConfig, _MONITOR)),
+    "admin": ("admin", _section(AdminConfig, _ADMIN)),
     "processes": ("processes", _scalar(_processes_value)), "log": ("log", _section(LogConfig, _LOG)),
     "shutdown": ("shutdown", _section(ShutdownConfig, _SHUTDOWN)),
     "limits": ("limits", _section(LimitsConfig, _LIMITS)),
@@ -791,13 +830,14 @@ _CONFIG: Schema = {
     "pools": ("pools", _pools), "routes": ("routes", _routes),
 }
 _SCHEMAS: dict[type, Schema] = {
-    Config: _CONFIG, ListenConfig: _LISTEN, ServerTLSConfig: _SERVER_TLS, CertificateConfig: _CERTIFICATE,
+    Config: _CONFIG, ListenConfig: _LISTEN, MonitorConfig: _MONITOR, ServerTLSConfig: _SERVER_TLS,
+    CertificateConfig: _CERTIFICATE,
     UpstreamTLSConfig: _UPSTREAM_TLS, AdminConfig: _ADMIN, LogConfig: _LOG, ShutdownConfig: _SHUTDOWN,
     LimitsConfig: _LIMITS, PoolConfig: _POOL, SpawnConfig: _SPAWN, ServerConfig: _SERVER,
     HealthConfig: _HEALTH, TimeoutsConfig: _TIMEOUTS, ConnectionsConfig: _CONNECTIONS, RouteConfig: _ROUTE,
     ClientTimeoutsConfig: _CLIENT_TIMEOUTS, PassiveConfig: _PASSIVE, HeaderRules: _HEADER_RULES,
     RedirectConfig: _REDIRECT, RespondConfig: _RESPOND, BasicAuthConfig: _BASIC_AUTH,
-    RateLimitConfig: _RATE_LIMIT, HashConfig: _HASH, StickyConfig: _STICKY,
+    RateLimitConfig: _RATE_LIMIT, HashConfig: _HASH, StickyConfig: _STICKY, DiscoveryConfig: _DISCOVERY,
 }
 
 
@@ -806,7 +846,8 @@ def config_keys() -> list[str]:
     pool's name, ``[]`` for a list item (``pools.NAME.servers[].weight``). Driven by the same schema
     tables as parsing, so the README's reference can be checked against it."""
     nested = {"listen[]": _LISTEN, "listen[].tls": _SERVER_TLS, "listen[].tls.certificates[]": _CERTIFICATE,
-              "pools.NAME.tls": _UPSTREAM_TLS, "pools.NAME.hash": _HASH, "pools.NAME.sticky": _STICKY,
+              "monitor": _MONITOR, "pools.NAME.tls": _UPSTREAM_TLS, "pools.NAME.hash": _HASH,
+              "pools.NAME.sticky": _STICKY, "pools.NAME.discovery": _DISCOVERY,
               "routes[].request_headers": _HEADER_RULES, "routes[].response_headers": _HEADER_RULES,
               "routes[].redirect": _REDIRECT, "routes[].respond": _RESPOND,
               "routes[].basic_auth": _BASIC_AUTH, "routes[].rate_limit": _RATE_LIMIT, "admin": _ADMIN,

@@ -74,6 +74,15 @@ class AdminConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class MonitorConfig:
+    """The monitoring listener: /healthz, /readyz and, with ``metrics``, /metrics; no token."""
+
+    host: str = "127.0.0.1"
+    port: int = 8082
+    metrics: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LogConfig:
     """``level`` is one of ``LOG_LEVELS``; ``access_log`` logs one line per proxied request, as
     ``access_log_format`` ("text": combined-log-like, or "json") to ``access_log_path`` (None = stdout).
@@ -208,6 +217,18 @@ class ConnectionsConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class DiscoveryConfig:
+    """Backends found by DNS: the addresses of ``dns`` (A/AAAA, on ``port``), or its SRV records'
+    targets and ports; re-resolved every ``interval_s`` (sooner with a shorter TTL)."""
+
+    dns: str
+    port: int = 0
+    type: str = "a"
+    interval_s: float = 10.0
+    resolvers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class HashConfig:
     """``balance: hash``: what a request's key is: ``client_ip``, ``uri``, ``header:NAME`` or
     ``cookie:NAME``."""
@@ -246,6 +267,7 @@ class PoolConfig:
     tls: UpstreamTLSConfig | None = None
     hash: HashConfig = HashConfig()
     sticky: StickyConfig | None = None
+    discovery: DiscoveryConfig | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -364,6 +386,7 @@ class Config:
     text_hash: str = field(default="", compare=False)
     listen: tuple[ListenConfig, ...] = (ListenConfig(),)
     admin: AdminConfig | None = None
+    monitor: MonitorConfig | None = None
     processes: int = 1             # proxy processes on the data port (the YAML key `workers` is its old name)
     log: LogConfig = LogConfig()
     shutdown: ShutdownConfig = ShutdownConfig()

@@ -26,13 +26,16 @@ from ..dataplane.proxy import PoolRuntime, Proxy
 from ..dataplane.record import RequestRecord
 from ..dataplane.tls import ClientTLS, ServerTLS, client_tls
 from ..errors import ConfigError
+from ..lb.discovery import DnsDiscovery
 from ..lb.health import HealthChecker, SlowStart
 from ..lb.passive import PassiveHealth
-from ..lb.registry import Backend, Registry, wait_drained
+from ..lb.registry import AdminState, Backend, Registry, wait_drained
 from ..lb.supervisor import RestartPolicy, Supervisor, WorkerSpec
 from ..observe.accesslog import AccessLog
+from ..observe.metrics import exposition
 from .admin import Admin
 from .listeners import Listeners, load_tls
+from .monitor import Monitor
 from .reload import Reload
 from .replicas import SYNC_ACK_TIMEOUT_S, ProxyProcesses
 from .wiring import connection_limits, health_policy, pool_runtime, router_for, worker_spec
@@ -46,6 +49,10 @@ STICKY_SECRET_ENV = "BALANCER_STICKY_SECRET"
 # On shutdown, how long idle keep-alive clients may still send one more request (answered with
 # `Connection: close`) before their connections are closed.
 KEEPALIVE_GRACE_S = 1.0
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def sticky_secret() -> bytes:
@@ -73,6 +80,8 @@ class Balancer:
         cfg = self.config
         self.started_at = time.time()
         self._upstream_tls: dict[str, ClientTLS | None] = {}     # pool name -> TLS to its backends
+        self._discoveries: dict[str, DnsDiscovery] = {}          # pool name -> its DNS discovery
+        self._running = False
         self.sticky_secret = sticky_secret()
         self.registry = Registry()
         self.connections = ConnectionTable()
@@ -93,6 +102,7 @@ class Balancer:
                            AddressSet(cfg.trusted_proxies), cfg.limits)
         self.proxy.add_outcome_listener(self.passive.on_outcome)
         self.admin = Admin(self) if cfg.admin is not None else None
+        self.monitor = Monitor(cfg.monitor, self) if cfg.monitor is not None else None
         # Off by default, and then not an observer at all: zero cost per request.
         self.access_log = (AccessLog(cfg.log.access_log_format, cfg.log.access_log_path)
                            if cfg.log.access_log else None)
@@ -112,6 +122,8 @@ class Balancer:
         """Registry entry, external servers, listeners and the proxy's runtime for one pool.
         Spawned workers' backends already exist (the supervisor made them) and are attached here."""
         self._upstream_tls[p.name] = client_tls(p.tls)
+        if p.discovery is not None:
+            self._start_discovery(p)
         backend_set = self.registry.pool(p.name)
         for server in p.servers:
             backend_set.add(Backend(id=f"{p.name}/{server.address}", pool=p.name, host=server.host,
@@ -123,15 +135,18 @@ class Balancer:
         self.slow_start.add_pool(backend_set, p.slow_start_s)
         return pool_runtime(p, backend_set, self.sticky_secret)
 
-    def attach_backend(self, backend: Backend, p: PoolConfig | None = None) -> None:
-        """Give a backend its connections (BackendConnections) and (if configured) its health checks."""
+    def attach_backend(self, backend: Backend, p: PoolConfig | None = None, *,
+                       start_healthy: bool | None = None) -> None:
+        """Give a backend its connections (BackendConnections) and (if configured) its health checks
+        (spawned and discovered backends start unhealthy: checked before they take traffic)."""
         p = p or self.config.pools[backend.pool]
         tls = self._upstream_tls.get(p.name)
         self.connections.add(backend.id, backend.host, backend.port, connection_limits(p, self.config.limits),
                              tls)
         policy = health_policy(p)
         if policy is not None:
-            self.health.add(backend, policy, start_healthy=not backend.spawned,
+            healthy = not backend.spawned if start_healthy is None else start_healthy
+            self.health.add(backend, policy, start_healthy=healthy,
                             tls=tls.context if tls else None, server_name=tls.server_name if tls else None)
 
     def set_upstream_tls(self, p: PoolConfig) -> None:
@@ -148,6 +163,63 @@ class Balancer:
         task = self._forget(backend)
         if task is not None:
             await asyncio.gather(task, return_exceptions=True)
+
+    async def retire_backend(self, backend: Backend) -> None:
+        """A backend that left (a removed server, a vanished address): drain, then forget it."""
+        await self.drain_backend(backend)
+        backend_set = self.registry.pool(backend.pool)
+        if backend_set.get(backend.id) is not None:
+            backend_set.remove(backend.id)
+        await self.detach_backend(backend)
+
+    # --- DNS discovery ------------------------------------------------------------------------------
+
+    def _start_discovery(self, p: PoolConfig) -> None:
+        assert p.discovery is not None
+        old = self._discoveries.pop(p.name, None)
+        if old is not None:
+            self.start_rollout(old.aclose(), f"stop discovery of {p.name}")
+        name = p.name
+
+        def on_change(found: frozenset[tuple[str, int]]) -> None:
+            self._discovered(name, found)
+        discovery = self._discoveries[name] = DnsDiscovery(name, p.discovery, on_change)
+        if self._running:
+            discovery.start()
+
+    def restart_discovery(self, p: PoolConfig) -> None:
+        """Reload: a pool's discovery settings changed (or it has none any more)."""
+        if p.discovery is not None:
+            self._start_discovery(p)
+        else:
+            self.stop_discovery(p.name)
+
+    def stop_discovery(self, pool: str) -> None:
+        old = self._discoveries.pop(pool, None)
+        if old is not None:
+            self.start_rollout(old.aclose(), f"stop discovery of {pool}")
+
+    def discovery_state(self, pool: str) -> dict[str, object] | None:
+        discovery = self._discoveries.get(pool)
+        return discovery.snapshot() if discovery is not None else None
+
+    def _discovered(self, pool: str, found: frozenset[tuple[str, int]]) -> None:
+        """New addresses join (checked before they take traffic); vanished ones are drained."""
+        p = self.config.pools.get(pool)
+        if p is None:
+            return
+        backend_set = self.registry.pool(pool)
+        wanted = {f"{pool}/{_address(host, port)}": (host, port) for host, port in found}
+        configured = {f"{pool}/{server.address}" for server in p.servers}
+        for backend_id, (host, port) in wanted.items():
+            if backend_set.get(backend_id) is None:
+                backend = Backend(id=backend_id, pool=pool, host=host, port=port)
+                backend_set.add(backend)
+                self.attach_backend(backend, p, start_healthy=health_policy(p) is None)
+        for backend in list(backend_set):
+            if not backend.spawned and backend.id not in wanted and backend.id not in configured \
+                    and backend.admin is not AdminState.DRAINING:
+                self.start_rollout(self.retire_backend(backend), f"retire {backend.id}")
 
     def forget_backend(self, backend: Backend) -> None:
         """A backend gone for good (a retired worker, told by the supervisor): its connections,
@@ -177,6 +249,13 @@ class Balancer:
         """Every listener's port as bound, in the configuration's order."""
         assert self._listeners is not None
         return self._listeners.ports
+
+    def serving(self) -> bool:
+        """The data listeners are open and balancer is not shutting down (the monitor's readiness)."""
+        return self._listeners is not None and not self._shut_down
+
+    def metrics_page(self) -> bytes | None:
+        return exposition(self.admin.metrics) if self.admin is not None else None
 
     def listener_stats(self) -> dict[str, dict[str, object]]:
         return self._listeners.snapshot() if self._listeners is not None else {}
@@ -267,6 +346,14 @@ class Balancer:
     async def startup(self) -> None:
         """Start workers, checks and pools; open the listeners once backends can serve."""
         cfg = self.config
+        if self.monitor is not None:
+            await self.monitor.start()          # alive (and not ready) from the start
+        self._running = True
+        for discovery in self._discoveries.values():
+            discovery.start()
+        if self._discoveries:                   # the first answers, before waiting for backends
+            await asyncio.wait([asyncio.ensure_future(d.first.wait()) for d in self._discoveries.values()],
+                               timeout=5.0)
         await self.health.start()
         self.connections.start()
         await self.supervisor.start(wait=True)
@@ -329,8 +416,12 @@ class Balancer:
         # 3. The admin listener, health probes and upstream connections.
         if self.admin is not None:
             await self.admin.aclose()
+        if self.monitor is not None:
+            await self.monitor.aclose()
         if self.access_log is not None:
             await self.access_log.aclose()
+        for discovery in self._discoveries.values():
+            await discovery.aclose()
         await self.health.aclose()
         await self.passive.aclose()
         await self.slow_start.aclose()

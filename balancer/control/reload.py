@@ -72,6 +72,9 @@ class Reloadable(Protocol):
     def set_upstream_tls(self, p: PoolConfig) -> None: ...
     def roll_out_workers(self, p: PoolConfig, spec: WorkerSpec, *, replace: bool) -> None: ...
     async def drain_backend(self, backend: Backend) -> None: ...
+    async def retire_backend(self, backend: Backend) -> None: ...
+    def restart_discovery(self, p: PoolConfig) -> None: ...
+    def stop_discovery(self, pool: str) -> None: ...
     def apply_client_settings(self, limits: LimitsConfig, timeouts: ClientTimeoutsConfig) -> None: ...
 
 
@@ -95,6 +98,8 @@ class Reload:
 
     async def apply(self) -> list[str]:
         b, old, new = self.b, self.old, self.new
+        if new.monitor != old.monitor:
+            self.changes.append("monitor changed: needs a restart, not applied")
         if new.processes != old.processes:
             self.changes.append(f"processes {old.processes} -> {new.processes}: needs a restart, not applied")
         for name, p in new.pools.items():
@@ -131,12 +136,13 @@ class Reload:
         """Drain every backend of a pool that left the configuration, then forget the pool."""
         b = self.b
         b.proxy.remove_pool(name)              # unreachable already: the new router has no route to it
+        b.stop_discovery(name)
         workers = list(b.supervisor.pool_workers(name))
         servers = [x for x in b.registry.pool(name) if not x.spawned]
 
         async def remove() -> None:
             await asyncio.gather(*(self._retire_worker(w) for w in workers),
-                                 *(self._drain_then_detach(x) for x in servers))
+                                 *(self.b.retire_backend(x) for x in servers))
             b.registry.remove_pool(name)
             b.supervisor.forget_pool(name)
 
@@ -190,6 +196,9 @@ class Reload:
             self.changes.append(f"pool {new.name}: connection or health settings changed")
         if new.passive != old.passive:
             b.passive.add_pool(new.name, new.passive)
+        if new.discovery != old.discovery:
+            b.restart_discovery(new)
+            self.changes.append(f"pool {new.name}: discovery changed")
         if new.tls != old.tls:
             b.set_upstream_tls(new)
             self.changes.append(f"pool {new.name}: TLS to backends changed")
@@ -215,15 +224,7 @@ class Reload:
             b.roll_out_workers(new, spec, replace=False)
             self.changes.append(f"pool {new.name}: workers {old.spawn.count} -> {new.spawn.count}")
 
-    async def _drain_then_detach(self, backend: Backend) -> None:
-        b = self.b
-        await b.drain_backend(backend)
-        backend_set = b.registry.pool(backend.pool)
-        if backend_set.get(backend.id) is not None:
-            backend_set.remove(backend.id)
-        await b.detach_backend(backend)
-
     def _drain_and_detach(self, backends: list[Backend]) -> None:
         if backends:
-            self.b.start_rollout(asyncio.gather(*(self._drain_then_detach(x) for x in backends)),
+            self.b.start_rollout(asyncio.gather(*(self.b.retire_backend(x) for x in backends)),
                                  "drain removed backends")

@@ -131,10 +131,10 @@ def backend_state(b: Backend) -> dict[str, Any]:
 def replica_config(config: Config) -> Config:
     """A replica's view: same routes and pool settings, but no backends, workers or checks of its
     own (they come from the main process) and no admin listener."""
-    pools = PoolMap(replace(p, spawn=None, servers=(), health=HealthConfig(enabled=False),
+    pools = PoolMap(replace(p, spawn=None, servers=(), discovery=None, health=HealthConfig(enabled=False),
                             passive=replace(p.passive, enabled=False))
                     for p in config.pools.values())
-    return replace(config, pools=pools, admin=None, processes=1)
+    return replace(config, pools=pools, admin=None, monitor=None, processes=1)
 
 
 # --- the main process's side -------------------------------------------------------------------------

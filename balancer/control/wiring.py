@@ -57,11 +57,11 @@ def pool_runtime(p: PoolConfig, backend_set: BackendSet, sticky_secret: bytes = 
 
 
 def health_policy(pool: PoolConfig) -> HealthConfig | None:
-    """The checks a pool's backends get, or None. No section: on for spawned workers (defaults),
-    off for external servers."""
+    """The checks a pool's backends get, or None. No section: on for spawned workers and discovered
+    backends (defaults), off for external servers."""
     h = pool.health
     if h is None:
-        return HealthConfig() if pool.spawn is not None else None
+        return HealthConfig() if pool.spawn is not None or pool.discovery is not None else None
     return h if h.enabled else None
 
 
