@@ -17,6 +17,7 @@ COMPILED = [
     "balancer/dataplane/affinity.py",
     "balancer/dataplane/connections.py",
     "balancer/dataplane/deadlines.py",
+    "balancer/dataplane/faults.py",
     "balancer/dataplane/frontdoor.py",
     "balancer/dataplane/guards.py",
     "balancer/dataplane/headers.py",

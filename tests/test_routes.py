@@ -293,3 +293,50 @@ def test_a_configured_sticky_secret_is_shared_and_a_foreign_one_refused() -> Non
     cookie = [(b"Cookie", line.split(": ", 1)[1].split(";")[0].encode())]
     assert replica.backend_id(cookie) == "web/127.0.0.1:9001"
     assert theirs.backend_id(cookie) is None
+
+
+# --- fault injection ------------------------------------------------------------------------------------
+
+
+async def test_injected_faults_are_answered_and_counted_apart(
+        balancer_factory: Factory, backend_ports: Ports) -> None:
+    import time
+    (a,) = await backend_ports(1)
+    routes = ('  - {name: slow, path_prefix: /slow, pool: a, fault: {delay: {percent: 100, duration: 150ms}}}\n'
+              '  - {name: broken, path_prefix: /broken, pool: a, fault: {abort: {percent: 100, status: 503}}}\n'
+              '  - {name: asked, path_prefix: /, pool: a, fault: {headers: true}}\n')
+    balancer = await balancer_factory(config(routes, ("a", [a]), top="admin: {host: 127.0.0.1, port: 0}\n"
+                                                                     "trusted_proxies: [127.0.0.1/32]\n"))
+    started = time.monotonic()
+    assert status(await get(balancer.port, "/slow/x")) == 404            # delayed, then proxied
+    assert time.monotonic() - started >= 0.15
+    broken = await get(balancer.port, "/broken")
+    assert status(broken) == 503 and header(broken, "X-Balancer-Error") == "fault_abort"
+    asked = await get(balancer.port, "/echo", extra="X-Balancer-Fault-Abort: 418\r\n")
+    assert status(asked) == 418
+    assert status(await get(balancer.port, "/echo")) == 200
+    stats = json.loads((await get(balancer.admin.bound_port, "/stats")).split(b"\r\n\r\n", 1)[1])
+    assert stats["routes"]["slow"]["faults"] == {"delay": 1}
+    assert stats["routes"]["broken"]["faults"] == {"abort": 1}
+    assert stats["routes"]["asked"]["faults"] == {"abort": 1}
+    metrics = (await get(balancer.admin.bound_port, "/metrics")).decode()
+    assert 'balancer_injected_faults_total{kind="abort",route="broken"} 1.0' in metrics
+
+
+def test_fault_percentages_and_who_may_ask() -> None:
+    import random
+
+    from balancer.config.models import FaultAbortConfig, FaultConfig, FaultDelayConfig
+    from balancer.dataplane.faults import Faults
+    faults = Faults(FaultConfig(delay=FaultDelayConfig(percent=10, duration_s=0.2),
+                                abort=FaultAbortConfig(percent=1, status=503), headers=True),
+                    rng=random.Random(7).random)
+    draws = [faults.pick([], trusted=False) for _ in range(20_000)]
+    delayed = sum(1 for d, _ in draws if d == 0.2)
+    aborted = sum(1 for _, a in draws if a == 503)
+    assert 1_700 < delayed < 2_300 and 120 < aborted < 290
+    asking = [(b"X-Balancer-Fault-Delay", b"250ms")]
+    assert Faults(FaultConfig(headers=True)).pick(asking, trusted=True) == (0.25, 0)
+    assert Faults(FaultConfig(headers=True)).pick(asking, trusted=False) == (0.0, 0)
+    assert Faults(FaultConfig(headers=False)).pick(asking, trusted=True) == (0.0, 0)
+    assert Faults(FaultConfig(headers=True)).pick([(b"x-balancer-fault-delay", b"9h")], trusted=True) == (0.0, 0)

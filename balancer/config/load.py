@@ -45,6 +45,9 @@ from .models import (
     Config,
     ConnectionsConfig,
     DiscoveryConfig,
+    FaultAbortConfig,
+    FaultConfig,
+    FaultDelayConfig,
     HashConfig,
     HeaderRules,
     HealthConfig,
@@ -225,11 +228,13 @@ def _integer(low: int, high: int | None = None) -> Converter:
     return _scalar(check)
 
 
-def _duration(*, positive: bool = False) -> Converter:
+def _duration(*, positive: bool = False, maximum: float | None = None) -> Converter:
     def check(value: object) -> float:
         seconds = parse_duration(value)
         if positive and seconds == 0:
             raise ConfigError(f"expected a duration > 0, got {show(value)}")
+        if maximum is not None and seconds > maximum:
+            raise ConfigError(f"expected at most {format_duration(maximum)}, got {show(value)}")
         return seconds
     return _scalar(check)
 
@@ -540,6 +545,12 @@ def _discovery(reader: Reader, node: yaml.Node, path: str) -> DiscoveryConfig:
     return discovery
 
 
+def _percent_value(value: object) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 100:
+        return float(value)
+    raise ConfigError(f"expected a percentage from 0 to 100, got {show(value)}")
+
+
 def _route_pool(reader: Reader, node: yaml.Node, path: str) -> str:
     name = _STRING(reader, node, path)
     if name not in reader.pool_names:
@@ -804,6 +815,14 @@ _REDIRECT: Schema = {"to": ("to", _scalar(_location_value)),
                      "keep_path": ("keep_path", _scalar(_boolean_value))}
 _RESPOND: Schema = {"status": ("status", _integer(200, 599)), "body": ("body", _scalar(_any_text_value)),
                     "content_type": ("content_type", _STRING)}
+_FAULT_DELAY: Schema = {"percent": ("percent", _scalar(_percent_value)),
+                        "duration": ("duration_s", _duration(maximum=60.0))}
+_FAULT_ABORT: Schema = {"percent": ("percent", _scalar(_percent_value)),
+                        "status": ("status", _integer(200, 599))}
+_FAULT: Schema = {"delay": ("delay", _section(FaultDelayConfig, _FAULT_DELAY,
+                                              required=("percent", "duration"))),
+                  "abort": ("abort", _section(FaultAbortConfig, _FAULT_ABORT, required=("percent",))),
+                  "headers": ("headers", _scalar(_boolean_value))}
 _BASIC_AUTH: Schema = {"realm": ("realm", _STRING), "users": ("users", _users)}
 _RATE_LIMIT: Schema = {"rate": ("rate", _scalar(_rate_value)), "burst": ("burst", _integer(0)),
                        "key": ("key", _scalar(_limit_key_value)), "max_keys": ("max_keys", _integer(1))}
@@ -818,7 +837,8 @@ _ROUTE: Schema = {"name": ("name", _STRING), "host": ("host", _scalar(_route_hos
                   "basic_auth": ("basic_auth", _section(BasicAuthConfig, _BASIC_AUTH, required=("users",))),
                   "rate_limit": ("rate_limit", _section(RateLimitConfig, _RATE_LIMIT, required=("rate",))),
                   "redirect": ("redirect", _section(RedirectConfig, _REDIRECT, required=("to",))),
-                  "respond": ("respond", _section(RespondConfig, _RESPOND))}
+                  "respond": ("respond", _section(RespondConfig, _RESPOND)),
+                  "fault": ("fault", _section(FaultConfig, _FAULT))}
 _CONFIG: Schema = {
     "listen": ("listen", _listen), "monitor": ("monitor", _section(MonitorConfig, _MONITOR)),
     "admin": ("admin", _section(AdminConfig, _ADMIN)),
@@ -837,6 +857,7 @@ _SCHEMAS: dict[type, Schema] = {
     HealthConfig: _HEALTH, TimeoutsConfig: _TIMEOUTS, ConnectionsConfig: _CONNECTIONS, RouteConfig: _ROUTE,
     ClientTimeoutsConfig: _CLIENT_TIMEOUTS, PassiveConfig: _PASSIVE, HeaderRules: _HEADER_RULES,
     RedirectConfig: _REDIRECT, RespondConfig: _RESPOND, BasicAuthConfig: _BASIC_AUTH,
+    FaultConfig: _FAULT, FaultDelayConfig: _FAULT_DELAY, FaultAbortConfig: _FAULT_ABORT,
     RateLimitConfig: _RATE_LIMIT, HashConfig: _HASH, StickyConfig: _STICKY, DiscoveryConfig: _DISCOVERY,
 }
 
@@ -850,7 +871,9 @@ def config_keys() -> list[str]:
               "pools.NAME.sticky": _STICKY, "pools.NAME.discovery": _DISCOVERY,
               "routes[].request_headers": _HEADER_RULES, "routes[].response_headers": _HEADER_RULES,
               "routes[].redirect": _REDIRECT, "routes[].respond": _RESPOND,
-              "routes[].basic_auth": _BASIC_AUTH, "routes[].rate_limit": _RATE_LIMIT, "admin": _ADMIN,
+              "routes[].fault": _FAULT, "routes[].fault.delay": _FAULT_DELAY,
+              "routes[].fault.abort": _FAULT_ABORT, "routes[].basic_auth": _BASIC_AUTH,
+              "routes[].rate_limit": _RATE_LIMIT, "admin": _ADMIN,
               "log": _LOG, "shutdown": _SHUTDOWN,
               "limits": _LIMITS,
               "timeouts": _CLIENT_TIMEOUTS, "pools.NAME": _POOL, "routes[]": _ROUTE,

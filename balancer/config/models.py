@@ -319,6 +319,29 @@ class RateLimitConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class FaultDelayConfig:
+    percent: float = 0.0
+    duration_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FaultAbortConfig:
+    percent: float = 0.0
+    status: int = 503
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FaultConfig:
+    """Fault injection (Envoy's fault filter): delay ``delay.percent`` of requests by
+    ``delay.duration_s``, answer ``abort.percent`` with ``abort.status``; with ``headers``, clients
+    in ``trusted_proxies`` may ask for a fault with X-Balancer-Fault-Delay / X-Balancer-Fault-Abort."""
+
+    delay: FaultDelayConfig | None = None
+    abort: FaultAbortConfig | None = None
+    headers: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RouteConfig:
     """Requests that match (``host``, ``path_prefix`` on whole segments, ``methods``, ``headers``) go
     to ``pool``, or are answered here (``redirect``, ``respond``); first match wins."""
@@ -339,6 +362,7 @@ class RouteConfig:
     rate_limit: RateLimitConfig | None = None
     redirect: RedirectConfig | None = None
     respond: RespondConfig | None = None
+    fault: FaultConfig | None = None
 
 
 class PoolMap(Mapping[str, PoolConfig]):

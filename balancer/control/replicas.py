@@ -94,7 +94,7 @@ async def read_frame(reader: asyncio.StreamReader) -> dict[str, Any] | None:
     return message
 _RECORD_FIELDS = ("start", "wall", "method", "client", "route", "pool", "backend", "status",
                   "upstream_status", "attempts", "error", "bytes_in", "bytes_out", "queue_s", "connect_s",
-                  "ttfb_s", "total_s", "version", "listener")
+                  "ttfb_s", "total_s", "version", "listener", "fault")
 _TOTAL_S = _RECORD_FIELDS.index("total_s")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from ..config.models import Config, HeaderRules, HealthConfig, LimitsConfig, PoolConfig, RouteConfig
 from ..dataplane.affinity import StickyCookie
 from ..dataplane.connections import ConnectionLimits
+from ..dataplane.faults import Faults
 from ..dataplane.guards import BasicAuth, Guards, RateLimiter
 from ..dataplane.headers import AddressSet, HeaderEdits
 from ..dataplane.proxy import PoolRuntime
@@ -94,7 +95,8 @@ def _route(r: RouteConfig, previous: Router | None) -> Route:
                   headers=tuple((n.encode(), v.encode()) for n, v in r.headers),
                   strip_prefix=r.strip_prefix, add_prefix=(r.add_prefix or "").encode(),
                   request_edits=_edits(r.request_headers), response_edits=_edits(r.response_headers),
-                  guards=guards, redirect=redirect, respond=respond, limit_config=r.rate_limit)
+                  guards=guards, redirect=redirect, respond=respond, limit_config=r.rate_limit,
+                  faults=Faults(r.fault) if r.fault is not None else None)
     return route
 
 

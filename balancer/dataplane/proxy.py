@@ -244,6 +244,14 @@ class Proxy:
                     return self._fail(request, record, refused.status, refused.kind,
                                       close=refused.status == 401 and request.body is not None,
                                       extra=refused.fields)
+            if route.faults is not None:
+                delay, abort = route.faults.pick(request.headers, request.client_ip in self.trusted)
+                if delay:
+                    record.fault = "delay"
+                    await asyncio.sleep(delay)
+                if abort:
+                    record.fault = "abort"
+                    return self._fail(request, record, abort, "fault_abort")
             if route.pool is None:
                 return self._answer_here(request, record, route, target)
             runtime = self.pools[route.pool]

@@ -11,9 +11,9 @@ from collections.abc import Sequence
 
 
 class RequestRecord:
-    __slots__ = ("attempts", "backend", "bytes_in", "bytes_out", "client", "connect_s", "error", "headers",
-                 "listener", "method", "pool", "queue_s", "request_id", "route", "start", "status", "target",
-                 "total_s", "ttfb_s", "upstream_status", "version", "wall")
+    __slots__ = ("attempts", "backend", "bytes_in", "bytes_out", "client", "connect_s", "error", "fault",
+                 "headers", "listener", "method", "pool", "queue_s", "request_id", "route", "start", "status",
+                 "target", "total_s", "ttfb_s", "upstream_status", "version", "wall")
 
     def __init__(self, start: float, wall: float, method: str, target: bytes, client: str) -> None:
         self.start = start
@@ -33,6 +33,7 @@ class RequestRecord:
         self.upstream_status = 0     # status the backend sent (0 if none)
         self.attempts = 0            # backends tried, replays included
         self.error = ""              # failure kind from proxy.FAILURES, "" when none
+        self.fault = ""              # a fault the route injected: "delay", "abort" or ""
         self.request_id = b""
         self.bytes_in = 0            # request body bytes received from the client
         self.bytes_out = 0           # response body bytes sent to the client

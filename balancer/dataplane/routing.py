@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from .faults import Faults
 from .guards import Guards
 from .headers import HeaderEdits, RawHeaders
 
@@ -79,15 +80,17 @@ def _decode_unreserved(path: bytes) -> bytes:
 class Route:
     """One route, ready to match and act. ``pool`` None: answered here (``redirect``, ``respond``)."""
 
-    __slots__ = ("add_prefix", "guards", "headers", "host", "limit_config", "methods", "name", "path_prefix",
-                 "pool", "redirect", "request_edits", "respond", "response_edits", "rewrites", "strip_prefix")
+    __slots__ = ("add_prefix", "faults", "guards", "headers", "host", "limit_config", "methods", "name",
+                 "path_prefix", "pool", "redirect", "request_edits", "respond", "response_edits", "rewrites",
+                 "strip_prefix")
 
     def __init__(self, name: str, pool: str | None, path_prefix: bytes = b"/", host: bytes | None = None, *,
                  methods: frozenset[str] | None = None, headers: tuple[tuple[bytes, bytes], ...] = (),
                  strip_prefix: bool = False, add_prefix: bytes = b"",
                  request_edits: HeaderEdits | None = None, response_edits: HeaderEdits | None = None,
                  guards: Guards | None = None, redirect: tuple[bytes, int, bool] | None = None,
-                 respond: tuple[int, bytes, bytes] | None = None, limit_config: object = None) -> None:
+                 respond: tuple[int, bytes, bytes] | None = None, limit_config: object = None,
+                 faults: Faults | None = None) -> None:
         self.name = name
         self.limit_config = limit_config    # what the limiter was built from (kept across reloads)
         self.pool = pool
@@ -104,6 +107,7 @@ class Route:
         self.guards = guards
         self.redirect = redirect       # (to, status, keep_path)
         self.respond = respond         # (status, body, content type)
+        self.faults = faults
 
     def covers(self, path: bytes) -> bool:
         """``path`` (normalised) is under this route's prefix, on whole segments."""

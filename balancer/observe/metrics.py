@@ -69,6 +69,8 @@ class BalancerCollector(Collector):
                                      labels=["pool", "backend", "kind"])
         route_errors = CounterMetricFamily("balancer_route_errors", "Requests that ended in an error",
                                            labels=["route", "kind"])
+        faults = CounterMetricFamily("balancer_injected_faults", "Faults a route's `fault` injected",
+                                     labels=["route", "kind"])
         retries = CounterMetricFamily("balancer_retries", "Attempts beyond the first (retries and replays)",
                                       labels=["pool", "backend"])
         received = CounterMetricFamily("balancer_received_bytes", "Request body bytes from clients",
@@ -103,15 +105,20 @@ class BalancerCollector(Collector):
                 counts, total = _merge(cells, "connect")
                 connect.add_metric([pool, backend], _buckets(CONNECT_BUCKETS, counts), total)
         route_kinds: dict[tuple[str, str], int] = {}
+        injected: dict[tuple[str, str], int] = {}
         for (pool, route), cells in by_route.items():
             counts, total = _merge(cells, "duration")
             duration.add_metric([pool, route], _buckets(DURATION_BUCKETS, counts), total)
             for cell in cells:
                 for kind, n in cell.errors.items():
                     route_kinds[route, kind] = route_kinds.get((route, kind), 0) + n
+                for kind, n in cell.faults.items():
+                    injected[route, kind] = injected.get((route, kind), 0) + n
         for (route, kind), n in route_kinds.items():
             route_errors.add_metric([route, kind], n)
-        yield from (requests, errors, route_errors, retries, received, sent, duration, connect)
+        for (route, kind), n in injected.items():
+            faults.add_metric([route, kind], n)
+        yield from (requests, errors, route_errors, faults, retries, received, sent, duration, connect)
 
     def _backends(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("balancer_backend_up", "1 if the backend may take new requests",

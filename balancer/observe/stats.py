@@ -70,12 +70,13 @@ class Cell:
     """Cumulative counters of one ``(pool, backend, route)``. Never reset (they back Prometheus)."""
 
     __slots__ = ("bytes_in", "bytes_out", "classes", "connect", "connect_sum", "duration", "duration_sum",
-                 "errors", "retries", "window")
+                 "errors", "faults", "retries", "window")
 
     def __init__(self, window: Window) -> None:
         self.window = window                 # the (pool, backend) window this cell also feeds
         self.classes = [0] * len(CODE_CLASSES)
         self.errors: dict[str, int] = {}
+        self.faults: dict[str, int] = {}     # injected by the route's `fault`: delay, abort
         self.retries = 0
         self.bytes_in = 0
         self.bytes_out = 0
@@ -93,6 +94,8 @@ class Cell:
         self.classes = [a + b for a, b in zip(self.classes, other.classes, strict=True)]
         for kind, n in other.errors.items():
             self.errors[kind] = self.errors.get(kind, 0) + n
+        for kind, n in other.faults.items():
+            self.faults[kind] = self.faults.get(kind, 0) + n
         self.retries += other.retries
         self.bytes_in += other.bytes_in
         self.bytes_out += other.bytes_out
@@ -105,6 +108,7 @@ class Cell:
         other = Cell(self.window)
         other.classes = self.classes[:]
         other.errors = dict(self.errors)
+        other.faults = dict(self.faults)
         other.retries, other.bytes_in, other.bytes_out = self.retries, self.bytes_in, self.bytes_out
         return other
 
@@ -231,6 +235,8 @@ class Traffic:
         cell.bytes_in += r.bytes_in
         cell.bytes_out += r.bytes_out
         failed = status >= 500
+        if r.fault:
+            cell.faults[r.fault] = cell.faults.get(r.fault, 0) + 1
         error = r.error
         if error:
             cell.errors[error] = cell.errors.get(error, 0) + 1
@@ -296,6 +302,7 @@ class Traffic:
         """Counters since the last reset, summed over the cells ``keys`` name."""
         classes = [0] * len(CODE_CLASSES)
         errors: dict[str, int] = {}
+        faults: dict[str, int] = {}
         retries = bytes_in = bytes_out = 0
         for key in keys:
             cell = self.cells[key]
@@ -306,12 +313,17 @@ class Traffic:
                 n -= base.errors.get(kind, 0) if base else 0
                 if n:
                     errors[kind] = errors.get(kind, 0) + n
+            for kind, n in cell.faults.items():
+                n -= base.faults.get(kind, 0) if base else 0
+                if n:
+                    faults[kind] = faults.get(kind, 0) + n
             retries += cell.retries - (base.retries if base else 0)
             bytes_in += cell.bytes_in - (base.bytes_in if base else 0)
             bytes_out += cell.bytes_out - (base.bytes_out if base else 0)
         status = {name: n for name, n in zip(CODE_CLASSES, classes, strict=True) if n or name != "none"}
         return {"requests": sum(classes), "status": status,
-                "errors": errors, "retries": retries, "bytes_in": bytes_in, "bytes_out": bytes_out}
+                "errors": errors, "faults": faults, "retries": retries, "bytes_in": bytes_in,
+                "bytes_out": bytes_out}
 
     def failed_attempts_since_reset(self, backend_id: str) -> int:
         return self.failed_attempts.get(backend_id, 0) - self._failed_attempts_base.get(backend_id, 0)
