@@ -17,6 +17,7 @@ import logging.handlers
 import os
 import queue
 import sys
+import time
 from collections.abc import Sequence
 
 from . import ctl
@@ -38,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="print the per-backend table of a running balancer")
     _admin_arguments(status)
     status.add_argument("--json", action="store_true", help="print the raw /stats JSON instead")
+    status.add_argument("--watch", action="store_true",
+                        help="redraw every second (a load-test run); Ctrl-C to stop")
     for action, text in (("drain", "stop sending new requests to a backend; in-flight ones finish"),
                          ("disable", "take a backend out of rotation"),
                          ("enable", "put a drained or disabled backend back into rotation")):
@@ -183,10 +186,18 @@ def _admin(args: argparse.Namespace) -> int:
     url, token = ctl.admin_url(config, args.admin), ctl.admin_token(config, args.token)
     try:
         if args.command == "status":
-            _, stats = ctl.call(url, "/stats", token)
-            text = json.dumps(stats, indent=2) + "\n" if args.json else ctl.render_status(stats, url)
-            sys.stdout.write(text)
-            return EXIT_OK
+            while True:
+                _, stats = ctl.call(url, "/stats", token)
+                text = json.dumps(stats, indent=2) + "\n" if args.json else ctl.render_status(stats, url)
+                if not args.watch:
+                    sys.stdout.write(text)
+                    return EXIT_OK
+                sys.stdout.write("\x1b[H\x1b[2J" + text)     # home, clear: one screen, redrawn
+                sys.stdout.flush()
+                try:
+                    time.sleep(1.0)
+                except KeyboardInterrupt:
+                    return EXIT_OK
         if args.command in ("reload", "restart-workers"):
             return _control(url, token, args)
         path = ctl.backend_path(args.backend, args.command)

@@ -20,6 +20,7 @@ import hmac
 import importlib.resources
 import logging
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -105,6 +106,7 @@ class Admin:
             config_sha256=balancer.config.text_hash, extra=self._extra_metrics))
         self._dashboard: bytes | None = None
         self._connection_baselines: dict[str, dict[str, Any]] = {}
+        self.run_id = uuid.uuid4().hex[:12]      # new at each POST /stats/reset
 
     def _worker(self, backend_id: str) -> Worker | None:
         """The spawned worker behind a backend, as the supervisor has it now (workers come and go)."""
@@ -198,8 +200,10 @@ class Admin:
         return web.json_response(self.snapshot())
 
     async def stats_reset(self, request: web.Request) -> web.Response:
+        """Start a run: the counters start over; the answer's ``run`` id is in every /stats after it."""
         self.reset()
-        return web.json_response({"reset": True, "stats_since": iso_utc(self.traffic.reset_at)})
+        return web.json_response({"reset": True, "run": self.run_id,
+                                  "stats_since": iso_utc(self.traffic.reset_at)})
 
     async def stats_series(self, request: web.Request) -> web.Response:
         now_sec = self.traffic.now_sec()
@@ -322,6 +326,7 @@ class Admin:
         """
         self.traffic.reset()
         self.slowlog.reset()
+        self.run_id = uuid.uuid4().hex[:12]
         self._connection_baselines = {backend_id: conns.snapshot() for backend_id, conns in
                                       self.balancer.connections.items()}
 
@@ -373,6 +378,7 @@ class Admin:
             "uptime_s": round(time.time() - b.started_at, 3),
             "started_at": iso_utc(b.started_at),
             "stats_since": iso_utc(traffic.reset_at),
+            "run": self.run_id,
             "config": {"file": b.config.source, "sha256": b.config.text_hash},
             "requests": totals["requests"],
             "windows": [name for name, _ in WINDOWS],

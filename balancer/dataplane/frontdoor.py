@@ -45,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
@@ -261,12 +262,13 @@ class Exchange:
     """
 
     __slots__ = ("_chunked", "_head", "body", "chunked", "conn", "content_length", "finished",
-                 "has_idempotency_key", "headers", "host_count", "keep_alive", "method", "refused",
-                 "started", "target", "upgrade", "version")
+                 "has_idempotency_key", "headers", "host_count", "keep_alive", "method", "received",
+                 "refused", "started", "target", "upgrade", "version")
 
     def __init__(self, conn: ClientConnection, method: str, target: bytes, version: str,
                  headers: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
         self.conn = conn
+        self.received = time.monotonic()      # the head is complete: latency counts from here
         self.method = method
         self.target = target                  # as received, byte for byte
         self.version = version                # "1.1", "1.0"

@@ -219,7 +219,8 @@ class Proxy:
         abandoned) and the record observed."""
         self.requests += 1
         target = request.target
-        record = RequestRecord(time.monotonic(), time.time(), request.method, target, request.client_ip)
+        # From the moment the head was complete: time queued behind a pipelined request counts.
+        record = RequestRecord(request.received, time.time(), request.method, target, request.client_ip)
         record.headers = request.headers
         entrance = request.entrance
         record.listener = entrance.name
