@@ -1,4 +1,4 @@
-"""`python -m backends --port N [--host H] [--id NAME] [--keepalive-timeout S]`: run one worker.
+"""`python -m backends --port N [--host H] [--id NAME] [--keepalive-timeout S] [KNOBS]`: run one worker.
 
 The order below is the point of this file: parent-death detection is armed before anything slow is
 imported, because every millisecond before the prctl call is a window in which balancer could die

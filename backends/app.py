@@ -6,10 +6,14 @@ the proxy's doing. Two properties matter more than the rest:
 - `/echo` reports the request exactly as it arrived (target, header order, body digest), so a test can
   check what the proxy forwarded byte for byte;
 - nothing buffers a whole body (`/echo` hashes as it reads, `/bytes` writes in fixed chunks), so
-  1 GiB transfers cost a few KiB of memory here and any blow-up is the proxy's.
+  1 GiB transfers cost a few KiB of memory here and any blow-up is the proxy's. (httpbin's reports,
+  `/anything` and `/delay`, read bodies of at most 1 MiB: aiohttp's client_max_size, 413 above.)
 
 Misbehaviour for health-check and timeout tests is switched on over HTTP (`/_control/...`) and held in
-one `Control` object per application.
+one `Control` object per application. Misbehaviour for load tests (slow, flaky, big, dribbling
+responses) is asked for per request by query parameters or per worker by its command line: the
+knobs (`backends.knobs` parses them, `backends.service` applies them); `backends.httpbin` adds
+httpbin's endpoints.
 """
 
 from __future__ import annotations
@@ -22,19 +26,20 @@ from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 from aiohttp.typedefs import Handler
+from multidict import CIMultiDict
+
+from backends import httpbin
+from backends.knobs import KnobError, parse_size, parse_statuses
+from backends.service import PATTERN as PATTERN
+from backends.service import SERVICE, Service, run_with_knobs, send_pattern, text_response
 
 ECHO_BODY_LIMIT = 64 * 1024
 """`/echo` returns the body text only below this many bytes; above, the length and digest suffice."""
 
-CHUNK_SIZE = 64 * 1024
+_TEXT_HEADERS = CIMultiDict({"Content-Type": "text/plain; charset=utf-8"})
 
 WS_CLOSE_TIMEOUT_S = 1.0
 """How long a WebSocket close waits for the peer's close frame (aiohttp's default is 10 s)."""
-
-# /bytes/{n} sends PATTERN repeated, so byte i is PATTERN[i % 64]: printable in a terminal, and a
-# shifted, truncated or duplicated span is detectable by the client (unlike b"x" * n).
-PATTERN = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-_"
-_PATTERN_CHUNK = PATTERN * (CHUNK_SIZE // len(PATTERN))  # CHUNK_SIZE is a multiple of 64
 
 
 @dataclass(slots=True)
@@ -59,6 +64,11 @@ class Control:
 class Identity:
     worker_id: str
     port: int
+    root_body: bytes = field(init=False, repr=False)
+    """What `GET /` answers, encoded once."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root_body", f"worker {self.worker_id} port {self.port}\n".encode())
 
 
 IDENTITY = web.AppKey("identity", Identity)
@@ -67,15 +77,20 @@ CONTROL = web.AppKey("control", Control)
 WEBSOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("websockets")
 
 
-def make_app(worker_id: str, port: int) -> web.Application:
-    """Build the worker application; `port` is only reported (by `GET /`), never bound here."""
-    app = web.Application(middlewares=[hang_middleware])
+def make_app(worker_id: str, port: int, service: Service | None = None) -> web.Application:
+    """Build the worker application; `port` is only reported (by `GET /`), never bound here.
+
+    `service` holds the worker's default knobs and catch-all setting (none by default: a path that is
+    not routed is a 404 unless the request carries a knob).
+    """
+    app = web.Application(middlewares=[service_middleware])
     app[IDENTITY] = Identity(worker_id, port)
     app[CONTROL] = Control()
+    app[SERVICE] = service or Service()
     app[WEBSOCKETS] = weakref.WeakSet()
     app.on_response_prepare.append(add_backend_header)
     app.on_shutdown.append(close_websockets)
-    app.router.add_get("/", handle_root)
+    app.router.add_route("*", "/", handle_root)
     app.router.add_get("/health", handle_health)
     app.router.add_put("/_control/health/{code:\\d{3}}", handle_control_health)
     app.router.add_put("/_control/hang", handle_control_hang)
@@ -83,9 +98,10 @@ def make_app(worker_id: str, port: int) -> web.Application:
     app.router.add_route("*", "/echo", handle_echo)
     app.router.add_route("*", "/echo/{tail:.*}", handle_echo)
     app.router.add_get("/slow", handle_slow)
-    app.router.add_get("/status/{code:\\d{3}}", handle_status)
-    app.router.add_get("/bytes/{n:\\d+}", handle_bytes)
+    app.router.add_route("*", "/status/{codes}", handle_status)
+    app.router.add_get("/bytes/{n}", handle_bytes)
     app.router.add_get("/ws", handle_ws)
+    httpbin.add_routes(app.router)
     return app
 
 
@@ -96,17 +112,22 @@ async def add_backend_header(request: web.Request, response: web.StreamResponse)
 
 
 @web.middleware
-async def hang_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    control = request.app[CONTROL]
+async def service_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    app = request.app
+    control = app[CONTROL]
     # /_control stays responsive, or a test could never undo the hang.
     if control.is_hanging and not request.path.startswith("/_control/"):
         await control.never.wait()
-    return await handler(request)
+    if app[SERVICE].is_plain and "?" not in request.raw_path:
+        return await handler(request)  # the hot path: no knob can apply
+    return await run_with_knobs(request, handler, handle_root)
 
 
 async def handle_root(request: web.Request) -> web.Response:
-    identity = request.app[IDENTITY]
-    return web.Response(text=f"worker {identity.worker_id} port {identity.port}\n")
+    """Which worker answered: `GET /` (any method), and any unrouted path when a knob or --catch-all
+    asks (with a `size` knob, backends.service sends that many bytes instead). The hot path of a load
+    test: the body is encoded once, the headers copied from a constant."""
+    return web.Response(body=request.app[IDENTITY].root_body, headers=_TEXT_HEADERS)
 
 
 async def handle_health(request: web.Request) -> web.Response:
@@ -169,29 +190,24 @@ async def handle_slow(request: web.Request) -> web.Response:
 
 
 async def handle_status(request: web.Request) -> web.Response:
-    code = _status_from(request)
-    if code in (204, 304):  # these must not carry a body
-        return web.Response(status=code)
-    return web.Response(status=code, text=f"status {code}\n")
+    """`/status/503`, or httpbin's weighted pick `/status/200:0.9,503:0.1` (weights default to 1)."""
+    try:
+        choice = parse_statuses(request.match_info["codes"])
+    except KnobError as exc:
+        raise web.HTTPBadRequest(text=f"{exc}\n") from None
+    code = choice.draw(request.app[SERVICE].rng)
+    return text_response(code, f"status {code}\n")
 
 
 async def handle_bytes(request: web.Request) -> web.StreamResponse:
-    n = int(request.match_info["n"])
+    """`n` bytes of the pattern (`/bytes/1048576`, `/bytes/1MiB`), streamed; Content-Length unless the
+    `chunked` knob asks (HTTP/1.1 only: an HTTP/1.0 client gets Content-Length whatever it asked for)."""
+    try:
+        n = parse_size(request.match_info["n"], "n")
+    except KnobError as exc:
+        raise web.HTTPBadRequest(text=f"{exc}\n") from None
     response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
-    # Chunked framing needs HTTP/1.1; an HTTP/1.0 client gets Content-Length whatever it asked for.
-    if request.query.get("chunked") == "1" and request.version >= (1, 1):
-        response.enable_chunked_encoding()
-    else:
-        response.content_length = n
-    await response.prepare(request)
-    if request.method != "HEAD":
-        remaining = n
-        while remaining > 0:
-            chunk = _PATTERN_CHUNK if remaining >= CHUNK_SIZE else _PATTERN_CHUNK[:remaining]
-            await response.write(chunk)  # waits for the transport to drain: memory stays bounded
-            remaining -= len(chunk)
-    await response.write_eof()
-    return response
+    return await send_pattern(request, response, n)
 
 
 async def handle_ws(request: web.Request) -> web.WebSocketResponse:

@@ -1,5 +1,8 @@
 """Command line and lifecycle of one worker process: parse options, serve, stop cleanly.
 
+The load-test knobs (backends.knobs) are options too, with dashes (`--delay 10ms-50ms --error-rate
+0.01`): defaults for every request, which a query parameter overrides for its request.
+
 Lifecycle: startup (signal handlers, bind) → wait for a stop request (SIGTERM, SIGINT or parent death)
 → graceful shutdown with a deadline → exit status 0. A port that cannot be bound is exit status 1,
 bad options exit status 2 (argparse); none of these print a traceback.
@@ -14,14 +17,16 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import uvloop
 from aiohttp import web
 
 from backends.app import make_app
+from backends.knobs import NO_KNOBS, KnobError, Knobs, parse_flag, parse_knob, parse_knobs
 from backends.parent import watch_parent
+from backends.service import Service
 
 logger = logging.getLogger("backends")
 
@@ -42,6 +47,8 @@ class WorkerOptions:
     port: int
     worker_id: str
     keepalive_timeout_s: float
+    knobs: Knobs = NO_KNOBS
+    catch_all: bool = False
 
 
 def parse_args(argv: Sequence[str] | None = None) -> WorkerOptions:
@@ -74,12 +81,69 @@ def parse_args(argv: Sequence[str] | None = None) -> WorkerOptions:
         default=env.get("BALANCER_KEEPALIVE_TIMEOUT", "75"),
         help="idle keep-alive timeout in seconds (env BALANCER_KEEPALIVE_TIMEOUT; default 75)",
     )
+    _add_knob_options(parser)
     args = parser.parse_args(argv)
+    pairs = [(name, text) for name in _KNOB_HELP if (text := getattr(args, name)) is not None]
+    headers = args.headers if args.headers is not None else env.get("BALANCER_HEADERS", "").splitlines()
+    try:
+        knobs = parse_knobs([*pairs, *(("headers", header) for header in headers)])
+    except KnobError as exc:  # only BALANCER_HEADERS can be bad here: options were checked one by one
+        parser.error(f"BALANCER_HEADERS: {exc}")
+    if knobs == NO_KNOBS:  # e.g. `--chunked 0`: still a plain worker, with its fast path and its 404s
+        knobs = NO_KNOBS
     return WorkerOptions(
         host=args.host,
         port=args.port,
         worker_id=args.worker_id or f"w{args.port}",
         keepalive_timeout_s=args.keepalive_timeout,
+        knobs=knobs,
+        catch_all=parse_flag(args.catch_all),
+    )
+
+
+_KNOB_HELP = {
+    "delay": "response delay: 20ms, 1.5s, 0.02 (seconds), 10ms-200ms (uniform), lognormal:P50:P99",
+    "status": "status to answer: 503, or a pick like 200,503 or 200:0.9,503:0.1",
+    "error_rate": "fraction of requests answered with --error-status instead (0-1)",
+    "error_status": "status of those errors (default 500)",
+    "size": "body size of / and unrouted paths: 1024, 64KiB, 1MB (at most 1GiB)",
+    "chunked": "send bodies chunked (1 or 0; alone: 1)",
+    "drip": "pause between body chunks, in --delay's forms",
+    "close": "close the connection after each response (1 or 0; alone: 1)",
+    "reset_rate": "fraction of requests answered by a TCP reset and no response (0-1)",
+}
+
+
+def _add_knob_options(parser: argparse.ArgumentParser) -> None:
+    """The knobs as options; each falls back to BALANCER_<NAME> and is checked as it is parsed."""
+    env = os.environ
+    group = parser.add_argument_group("load-test knobs: defaults that a query parameter overrides")
+    for name, text in _KNOB_HELP.items():
+        option, variable = f"--{name.replace('_', '-')}", f"BALANCER_{name.upper()}"
+        is_flag = name in ("chunked", "close")
+        group.add_argument(
+            option,
+            dest=name,
+            type=_knob_text(name),
+            nargs="?" if is_flag else None,
+            const="1" if is_flag else None,
+            default=env.get(variable),
+            help=f"{text} (env {variable})",
+        )
+    group.add_argument(
+        "--headers",
+        action="append",
+        type=_knob_text("headers"),
+        help="extra response header Name:value; repeat for several (env BALANCER_HEADERS: one a line)",
+    )
+    group.add_argument(
+        "--catch-all",
+        type=_knob_text("catch_all", parse_flag),
+        nargs="?",
+        const="1",
+        default=env.get("BALANCER_CATCH_ALL", "0"),
+        help="answer any unrouted path as / does instead of 404 (1 or 0; alone: 1); any knob default "
+        "implies it (env BALANCER_CATCH_ALL)",
     )
 
 
@@ -96,8 +160,9 @@ def main(argv: Sequence[str] | None = None, *, parent_pid: int | None = None) ->
 async def serve(options: WorkerOptions, parent_pid: int | None) -> int:
     stop = asyncio.Event()
     _install_signal_handlers(stop)
+    service = Service(defaults=options.knobs, catch_all=options.catch_all)
     runner = web.AppRunner(
-        make_app(options.worker_id, options.port),
+        make_app(options.worker_id, options.port, service),
         access_log=None,
         keepalive_timeout=options.keepalive_timeout_s,
         shutdown_timeout=_AIOHTTP_SHUTDOWN_TIMEOUT_S,
@@ -177,3 +242,19 @@ def _seconds(text: str) -> float:
     if not seconds >= 0:  # also rejects nan
         raise argparse.ArgumentTypeError(f"must be a non-negative number of seconds, got {text}")
     return seconds
+
+
+def _knob_text(name: str, parse: Callable[[str, str], object] | None = None) -> Callable[[str], str]:
+    """An argparse `type` that checks a knob's text and keeps it; a bad one is reported as a bad option."""
+
+    def check(text: str) -> str:
+        try:
+            if parse is None:
+                parse_knob(name, text)
+            else:
+                parse(text, name)
+        except KnobError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix(f"{name}: ")) from None
+        return text
+
+    return check
