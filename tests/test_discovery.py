@@ -92,8 +92,11 @@ async def test_records_added_removed_and_changed(dns: tuple[Zone, int], balancer
                                                  source="<test>"))
     assert "pool api: discovery changed" in changes
     two = f"api/127.0.0.1:{second}"
+    added = time.monotonic()
     await async_wait_until(lambda: {b.id for b in balancer.registry.pool("api")} == {one, two},
                            message="the SRV records' two backends")
+    await async_wait_until(lambda: balancer.registry.find(two).is_ready, message="checked, then ready")
+    in_rotation_after = time.monotonic() - added
     # A record removed: drained and gone; the other stays.
     zone.set("_api._tcp.test", [("SRV", ("w.test", second))])
     started = time.monotonic()
@@ -106,7 +109,8 @@ async def test_records_added_removed_and_changed(dns: tuple[Zone, int], balancer
                            message="the failure seen")
     assert {b.id for b in balancer.registry.pool("api")} == {two}
     assert "not found" in str(balancer.discovery_state("api")["last_error"]).lower()
-    print(f"\naddress removed -> backend drained and gone in {removed_after * 1000:.0f} ms")
+    print(f"\nrecord added -> backend in rotation in {in_rotation_after * 1000:.0f} ms; "
+          f"address removed -> backend drained and gone in {removed_after * 1000:.0f} ms")
 
 
 async def test_a_new_address_is_checked_before_it_takes_traffic(dns: tuple[Zone, int],

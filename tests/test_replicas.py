@@ -166,3 +166,28 @@ async def test_every_request_of_two_processes_is_counted_and_a_drain_is_acknowle
     for _ in range(40):                           # new connections: both processes answer
         backends.add(_get(f"http://127.0.0.1:{port}/")[1]["X-Backend"])
     assert backends == {"web/2"}
+
+
+async def test_stats_in_flight_counts_every_process(balancer_process: Any) -> None:
+    """Slow requests spread over both processes: /stats' in-flight sums them all."""
+    import asyncio
+
+    from tests.conftest import async_wait_until
+    proc = balancer_process(CONFIG)
+    port, admin, _ = await async_wait_until(lambda: _started(proc), timeout=30, message="both up")
+
+    async def slow() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /slow?ms=2500 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        await reader.read()
+        writer.close()
+
+    requests = [asyncio.create_task(slow()) for _ in range(16)]
+
+    def in_flight() -> int:
+        stats = json.load(urllib.request.urlopen(f"http://127.0.0.1:{admin}/stats", timeout=5))
+        return sum(b["in_flight"] for b in stats["pools"]["web"]["backends"])
+    try:
+        await async_wait_until(lambda: in_flight() == 16, timeout=2.2, message="16 in flight, all processes")
+    finally:
+        await asyncio.gather(*requests)

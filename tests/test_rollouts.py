@@ -17,7 +17,7 @@ admin: {host: 127.0.0.1, port: 0}
 shutdown: {drain_timeout: 2s, worker_stop_timeout: 2s}
 pools:
   web:
-    spawn: {command: [python, -m, backends], count: 2, start_timeout: 10s}
+    spawn: {command: [python, -m, backends], count: 1, start_timeout: 10s}
     health: {interval: 200ms, timeout: 500ms, rise: 1, fall: 2}
 """
 
@@ -68,8 +68,9 @@ async def test_twenty_restarts_under_load_leave_counts_flat(balancer_factory: An
         await task
     print(f"\n20 restart-workers, {done} requests ({failed} failed): {before} -> {after}; "
           f"RSS {rss_before:.1f} -> {rss_after:.1f} MiB")
-    assert after["backends"] == after["connection tables"] == after["workers"] == 2
-    assert after["tasks"] <= before["tasks"]
+    assert after["backends"] == after["connection tables"] == after["workers"] == 1
+    assert after["tasks"] <= before["tasks"] + 3          # a probe or a connect may be under way; a
+    #                                                       leak would be 15 more (one per retired worker)
     assert after["series"] <= before["series"]
     assert rss_after - rss_before < 8.0
     assert failed == 0
