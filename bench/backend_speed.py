@@ -19,18 +19,14 @@ import contextlib
 import os
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, cpu_seconds, free_port
+from common import cpu_seconds, free_port, process
 
 NGINX = """daemon off; master_process off; worker_processes 1;
 pid {run}/nginx.pid; error_log {run}/nginx.err warn;
@@ -40,29 +36,6 @@ http {{ access_log off; client_body_temp_path {run}/t1; proxy_temp_path {run}/t2
   server {{ listen 127.0.0.1:{port}; location / {{ default_type text/plain; return 200 "hello\\n"; }} }} }}
 """
 
-
-def wait_port(port: int, deadline: float) -> None:
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return
-        time.sleep(0.05)
-    raise SystemExit(f"nothing listens on {port}")
-
-
-@contextlib.contextmanager
-def process(argv: list[str], port: int) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        wait_port(port, time.monotonic() + 30)
-        yield proc
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
 
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}

@@ -68,6 +68,32 @@ def balancer(config: str, port: int) -> Iterator[subprocess.Popen[bytes]]:
             proc.wait(30)
 
 
+def wait_port(port: int, deadline: float) -> None:
+    """Until something accepts on 127.0.0.1:``port``, or SystemExit at ``deadline`` (monotonic)."""
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise SystemExit(f"nothing listens on {port}")
+
+
+@contextlib.contextmanager
+def process(argv: list[str], port: int) -> Iterator[subprocess.Popen[bytes]]:
+    """``argv`` running (in its own session) until the block ends, once it listens on ``port``."""
+    proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_port(port, time.monotonic() + 30)
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
 class RssSampler:
     """Peak RSS of a process, sampled in a thread while the block runs."""
 

@@ -82,7 +82,7 @@ def with_aiohttp(data: bytes, n: int) -> float:
         for _ in range(n):
             messages, _, _ = parser.feed_data(data)
             message = messages[0][0]
-            message.method, message.path, message.version, message.raw_headers, message.should_close
+            _ = (message.method, message.path, message.version, message.raw_headers, message.should_close)
         elapsed = time.perf_counter() - started
     finally:
         loop.close()

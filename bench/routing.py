@@ -26,8 +26,10 @@ def main() -> None:
         hit = f"/svc{max(n - 2, 0)}/users/42?x=1".encode()
         miss = b"/nothing/here"
         reps = 200_000
-        t_hit = min(timeit.repeat(partial(router.match, b"h", hit, "GET", []), number=reps, repeat=5)) / reps
-        t_miss = min(timeit.repeat(partial(router.match, b"h", miss, "GET", []), number=reps, repeat=5)) / reps
+        match_hit = partial(router.match, b"h", hit, "GET", [])
+        match_miss = partial(router.match, b"h", miss, "GET", [])
+        t_hit = min(timeit.repeat(match_hit, number=reps, repeat=5)) / reps
+        t_miss = min(timeit.repeat(match_miss, number=reps, repeat=5)) / reps
         print(f"{n:6} | {t_hit * 1e9:20.0f} | {t_miss * 1e9:12.0f}")
 
 

@@ -21,21 +21,17 @@ import contextlib
 import os
 import re
 import shutil
-import signal
-import socket
 import ssl
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import trustme
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, cpu_seconds, free_port
+from common import ROOT, cpu_seconds, free_port, process
 
 NGINX_BACKEND = """daemon off; master_process off; worker_processes 1;
 pid {run}/be.pid; error_log {run}/be.err warn;
@@ -61,29 +57,6 @@ BALANCER = """listen:
 pools: {{bench: {{servers: [{{address: 127.0.0.1:{backend}}}]}}}}
 """
 
-
-def wait_port(port: int, deadline: float) -> None:
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return
-        time.sleep(0.05)
-    raise SystemExit(f"nothing listens on {port}")
-
-
-@contextlib.contextmanager
-def process(argv: list[str], port: int) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        wait_port(port, time.monotonic() + 30)
-        yield proc
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
 
 
 def wrk(port: int, pid: int, connections: int, duration: float, close: bool) -> tuple[float, float]:

@@ -325,3 +325,16 @@ async def test_a_killed_backend_is_ejected_then_readmitted_by_its_checks_within_
     print(f"\nkilled -> ejected {ejected_after * 1000:.0f} ms; accepting -> readmitted "
           f"{readmitted_after * 1000:.0f} ms; {len(statuses)} requests, {sum(s != 200 for s in statuses)} failed")
     assert set(statuses) == {200}
+
+
+async def test_by_default_a_status_never_ejects(aiohttp_server: AiohttpServer, balancer_factory: Any) -> None:
+    """Twelve 503s in a row (an application's own maintenance answer, say): with the default
+    passive settings statuses do not count, so a client cannot eject a healthy backend."""
+    states: list[dict[str, int]] = [{"status": 503}, {"status": 503}]
+    servers = [await aiohttp_server(flaky_app(f"b{i}", s)) for i, s in enumerate(states)]
+    balancer = await balancer_factory(pool_config([s.port for s in servers]))
+    async with aiohttp.ClientSession() as session:
+        for _ in range(12):
+            async with session.get(f"http://127.0.0.1:{balancer.port}/") as resp:
+                assert resp.status == 503
+    assert len(balancer.registry.pool("web").ready) == 2

@@ -39,6 +39,7 @@ from ..observe.metrics import CONTENT_TYPE, BalancerCollector, exposition, new_r
 from ..observe.slowlog import SlowLog
 from ..observe.stats import WINDOWS, Traffic
 from ..observe.units import iso_utc
+from .weblistener import WebListener
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +90,7 @@ class Admin:
         self.host = cfg.host
         self.port = cfg.port
         self.token = cfg.token
-        self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
+        self._listener = WebListener(cfg.host, cfg.port)
         self.traffic = Traffic()
         self.slowlog = SlowLog(cfg.slowlog_threshold_s, cfg.slowlog_size)
         balancer.proxy.add_observer(self.traffic.observe)
@@ -147,20 +147,14 @@ class Admin:
         return result
 
     async def start(self) -> None:
-        # A short shutdown timeout: a `drain?wait=` still polling must not hold balancer's shutdown.
-        self._runner = web.AppRunner(self.application(), access_log=None, shutdown_timeout=1.0)
-        await self._runner.setup()
-        self._site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
-        await self._site.start()
+        await self._listener.start(self.application())
 
     @property
     def bound_port(self) -> int:
-        assert self._runner is not None
-        return int(self._runner.addresses[0][1])
+        return self._listener.bound_port
 
     async def aclose(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+        await self._listener.aclose()
 
     # --- state -----------------------------------------------------------------------------------------
 

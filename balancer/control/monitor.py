@@ -19,6 +19,7 @@ from aiohttp import web
 from ..config.models import MonitorConfig
 from ..lb.registry import Registry
 from ..observe.metrics import CONTENT_TYPE
+from .weblistener import WebListener
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,7 @@ class Monitor:
     def __init__(self, config: MonitorConfig, balancer: Watched) -> None:
         self.config = config
         self.balancer = balancer
-        self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
+        self._listener = WebListener(config.host, config.port)
 
     def application(self) -> web.Application:
         app = web.Application()
@@ -72,19 +72,13 @@ class Monitor:
         return web.Response(body=page, headers={"Content-Type": CONTENT_TYPE})
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.application(), access_log=None, shutdown_timeout=1.0)
-        await self._runner.setup()
-        self._site = web.TCPSite(self._runner, self.config.host, self.config.port, reuse_address=True)
-        await self._site.start()
+        await self._listener.start(self.application())
         log.info("monitor on http://%s:%d (healthz, readyz%s)", self.config.host, self.bound_port,
                  ", metrics" if self.config.metrics else "")
 
     @property
     def bound_port(self) -> int:
-        assert self._runner is not None
-        return int(self._runner.addresses[0][1])
+        return self._listener.bound_port
 
     async def aclose(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        await self._listener.aclose()
