@@ -261,8 +261,7 @@ class ProxyProcesses:
         reader, replica.writer = await asyncio.open_connection(sock=ours)
         replica.writer.write(self.snapshot())
         log.info("proxy process %d pid %d started", replica.index, replica.process.pid)
-        feed = asyncio.get_running_loop().create_task(self._feed(replica, reader))
-        feed.add_done_callback(lambda task: self._feed_ended(replica, task))
+        feed = self.watch_feed(replica, reader)
         code = await replica.process.wait()
         replica.last_exit = describe_exit(code)
         feed.cancel()
@@ -272,6 +271,13 @@ class ProxyProcesses:
         replica.in_flight = {}
         replica.acked_event.set()
         self._apply_in_flight()
+
+    def watch_feed(self, replica: Replica, reader: asyncio.StreamReader) -> asyncio.Task[None]:
+        """Read what ``replica`` reports, in a task that must not end while the replica runs: if the
+        channel fails, the failure is logged and the replica killed (its runner restarts it)."""
+        feed = asyncio.get_running_loop().create_task(self._feed(replica, reader))
+        feed.add_done_callback(lambda task: self._feed_ended(replica, task))
+        return feed
 
     def _feed_ended(self, replica: Replica, task: asyncio.Task[None]) -> None:
         """The feed must not stop while its replica runs: if it does, the replica is restarted."""
