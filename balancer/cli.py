@@ -24,17 +24,22 @@ from . import ctl
 from .config.load import DEFAULT_CONFIG_PATH, dump_effective, load_config, parse_duration
 from .config.models import Config
 from .errors import ConfigError
+from .version import installed_version
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="balancer", description="HTTP reverse-proxy load balancer")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"balancer {installed_version()}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{run,check,status,drain,disable,enable,reload,restart-workers}")
     run = sub.add_parser("run", help="run the balancer in the foreground")
     run.add_argument("-c", "--config", default=DEFAULT_CONFIG_PATH, help="YAML configuration file")
     check = sub.add_parser("check", help="validate a configuration and print it with defaults filled in")
     check.add_argument("-c", "--config", default=DEFAULT_CONFIG_PATH, help="YAML configuration file")
+    check.add_argument("--show-secrets", action="store_true",
+                       help="print the admin token, spawn.env values, password hashes (else redacted)")
     check.add_argument("-q", "--quiet", action="store_true", help="only validate; print nothing on success")
     status = sub.add_parser("status", help="print the per-backend table of a running balancer")
     _admin_arguments(status)
@@ -56,12 +61,17 @@ def _parser() -> argparse.ArgumentParser:
         _admin_arguments(cmd)
         cmd.add_argument("--wait", metavar="DURATION", default="60s",
                          help="wait up to this long for worker rollouts (default 60s; 0 = do not wait)")
-    replica = sub.add_parser("_replica")          # internal: a proxy process of `processes: N`
+    return parser
+
+
+def _replica_parser() -> argparse.ArgumentParser:
+    """``balancer _replica``: internal (a proxy process the main process starts), so not in the usage."""
+    replica = argparse.ArgumentParser(prog="balancer _replica")
     replica.add_argument("-c", "--config", required=True)
     replica.add_argument("--fd", type=int, required=True)
     replica.add_argument("--ports", type=lambda text: tuple(int(p) for p in text.split(",")), required=True)
     replica.add_argument("--index", type=int, required=True)
-    return parser
+    return replica
 
 
 def _admin_arguments(cmd: argparse.ArgumentParser) -> None:
@@ -162,14 +172,14 @@ def _replica(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _check(config_path: str, quiet: bool) -> int:
+def _check(config_path: str, quiet: bool, show_secrets: bool = False) -> int:
     try:
         config = load_config(config_path)
     except ConfigError as exc:
         print(f"balancer: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     if not quiet:
-        sys.stdout.write(dump_effective(config))
+        sys.stdout.write(dump_effective(config, show_secrets))
         print(f"balancer: configuration file {config_path} is valid", file=sys.stderr)
     return EXIT_OK
 
@@ -243,13 +253,14 @@ def _control(url: str, token: str | None, args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    if given[:1] == ["_replica"]:
+        sys.exit(_replica(_replica_parser().parse_args(given[1:])))
+    args = _parser().parse_args(given)
     if args.command == "run":
         sys.exit(_run(args.config))
     if args.command == "check":
-        sys.exit(_check(args.config, args.quiet))
-    if args.command == "_replica":
-        sys.exit(_replica(args))
+        sys.exit(_check(args.config, args.quiet, args.show_secrets))
     if args.command in ("status", "drain", "disable", "enable", "reload", "restart-workers"):
         sys.exit(_admin(args))
     sys.exit(EXIT_CONFIG)

@@ -15,7 +15,7 @@ SOURCES = sorted((ROOT / "balancer").rglob("*.py"))
 # Each part of balancer/ on its floor: a module imports from its own floor or a lower one, never a
 # higher one (the README's "Layout" draws it).
 FLOORS = {
-    "errors": 0, "config": 0,       # words and settings
+    "errors": 0, "config": 0, "version": 0,     # words, settings, what we are
     "lb": 1,                        # balancing policy: backends, selection, health, spawned workers
     "dataplane": 2,                 # the request path
     "observe": 3,                   # what finished requests and the parts' state are told to

@@ -29,6 +29,7 @@ import math
 import os
 import re
 import shlex
+import socket
 from collections.abc import Callable, Mapping
 from typing import Any, TypeGuard
 
@@ -117,6 +118,7 @@ def parse_config(text: str, source: str = "<string>", environ: Mapping[str, str]
         raise reader.error(f"expected a mapping at the top level, got {shown}", root, "")
     _renamed_keys(reader, root)
     fields = reader.fields(root, "", _CONFIG, required=("pools",))
+    _refuse_shared_addresses(reader, root, fields)
     monitor = fields.get("monitor")
     if monitor is not None and monitor.metrics and fields.get("admin") is None:
         node = next(v for k, v in root.value if k.value == "monitor")
@@ -130,7 +132,11 @@ def parse_config(text: str, source: str = "<string>", environ: Mapping[str, str]
 # A sign is accepted only so that "-1s" gets the precise message ("expected ... >= 0").
 _DURATION = re.compile(r"(?P<number>[+-]?(?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?)\s*(?P<unit>ms|s|m|h)?",
                        re.IGNORECASE | re.ASCII)
+# Go's form (Traefik, Caddy): several number+unit parts, largest first: 1h30m, 1m30s, 250us, 1.5s.
+_GO_DURATION = re.compile(r"(?:(?:\d+\.?\d*|\.\d+)(?:h|m(?!s)|s|ms|us|µs|ns))+", re.IGNORECASE)
+_GO_PART = re.compile(r"(\d+\.?\d*|\.\d+)(h|ms|m|s|us|µs|ns)", re.IGNORECASE)
 _UNIT_SECONDS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
+_GO_UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
 
 
 def _compose(text: str, source: str) -> tuple[Loader, yaml.Node | None]:
@@ -163,8 +169,11 @@ def parse_duration(value: object) -> float:
             # Divide for ms rather than multiply by 0.001, so "100ms" is exactly the float 0.1.
             seconds, unit = float(match["number"]), (match["unit"] or "").lower()
             seconds = seconds / 1000 if unit == "ms" else seconds * _UNIT_SECONDS[unit]
+        elif isinstance(value, str) and _GO_DURATION.fullmatch(value.strip()):
+            seconds = sum(float(number) * _GO_UNIT_SECONDS[unit.lower()]
+                          for number, unit in _GO_PART.findall(value.strip()))
         else:
-            raise ConfigError(f"expected a duration like '2s' or '500ms', got {show(value)}")
+            raise ConfigError(f"expected a duration like '2s', '500ms' or '1m30s', got {show(value)}")
     except OverflowError:
         seconds = math.inf
     if not math.isfinite(seconds) or seconds < 0:
@@ -186,11 +195,30 @@ def format_duration(seconds: float) -> str:
     return f"{float(seconds)!r}s"
 
 
-def dump_effective(config: Config) -> str:
-    """The config as YAML with every default filled in (what ``balancer check`` prints)."""
+REDACTED = "<redacted>"
+# Where secrets live: a dumped config shows them only when asked (CI logs keep what they print).
+_SECRET_ATTRS = frozenset({"token", "secret", "env", "users"})
+
+
+def dump_effective(config: Config, show_secrets: bool = False) -> str:
+    """The config as YAML with every default filled in (what ``balancer check`` prints); secrets
+    (admin token, spawn environment values, basic-auth hashes, sticky secrets) redacted unless
+    ``show_secrets``."""
     header = f"# effective configuration of {config.source}, every default filled in\n"
-    body = yaml.safe_dump(_dump(config), sort_keys=False, default_flow_style=False, allow_unicode=True)
+    data = _dump(config) if show_secrets else _redact(_dump(config))
+    body = yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True)
     return header + body
+
+
+def _redact(value: Any, key: str = "") -> Any:
+    if isinstance(value, dict):
+        if key in _SECRET_ATTRS and key in ("env", "users"):
+            return {name: REDACTED for name in value}
+        return {k: (REDACTED if k in ("token", "secret") and v is not None else _redact(v, k))
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact(item, key) for item in value]
+    return value
 
 
 # --- converters: (reader, node, path) -> value ------------------------------------------------------------
@@ -264,6 +292,39 @@ def _url_path_value(value: object) -> str:
     if isinstance(value, str) and value.startswith("/"):
         return value
     raise ConfigError(f"expected a path starting with '/', got {show(value)}")
+
+
+def _refuse_shared_addresses(reader: Reader, root: yaml.MappingNode, fields: dict[str, Any]) -> None:
+    """The data listeners, the admin and the monitor each need an address of their own (port 0
+    excepted), and a host that is an IP address or resolves."""
+    taken: dict[tuple[str, int], str] = {}
+    places = [(f"listen[{i}]", c) for i, c in enumerate(fields.get("listen", ()))]
+    places += [(name, fields[name]) for name in ("admin", "monitor") if fields.get(name) is not None]
+    nodes = {k.value: v for k, v in root.value if isinstance(k, yaml.ScalarNode)}
+    for where, place in places:
+        node = nodes.get(where.partition("[")[0], root)
+        if not _host_usable(place.host):
+            raise reader.error(f"host {place.host!r} is neither an IP address nor a name that resolves",
+                               node, f"{where}.host")
+        if place.port:
+            other = taken.setdefault((place.host, place.port), where)
+            if other != where:
+                raise reader.error(f"{place.host}:{place.port} is also {other}'s address", node, where)
+
+
+def _host_usable(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return True
+    except ValueError:
+        pass
+    if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", host) or re.fullmatch(r"[\d.]+", host):
+        return False
+    try:
+        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        return True
+    except OSError:
+        return False
 
 
 def _renamed_keys(reader: Reader, root: yaml.MappingNode) -> None:

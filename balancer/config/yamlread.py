@@ -108,6 +108,8 @@ class Reader:
             if key in pairs:
                 first = pairs[key][0].start_mark.line + 1
                 raise self.error(f"duplicate key (first given on line {first})", key_node, where)
+            if key.startswith("x-") and allowed is not None:
+                continue            # an extension key: a place for YAML anchors, ignored (Compose's rule)
             if allowed is not None and key not in allowed:
                 raise self.error(unknown_key(key, list(allowed)), key_node, where)
             pairs[key] = (key_node, value_node)

@@ -138,9 +138,10 @@ class Admin:
     @web.middleware
     async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
         if self.token and request.path not in OPEN_PATHS:
-            given = request.headers.get("Authorization", "")
-            expected = f"Bearer {self.token}"
-            if not hmac.compare_digest(given.encode(), expected.encode()):
+            # The scheme is case-insensitive (RFC 9110 11.1); a value that is not UTF-8 is just wrong.
+            scheme, _, given = request.headers.get("Authorization", "").strip().partition(" ")
+            offered = given.strip().encode("utf-8", "surrogateescape")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(offered, self.token.encode()):
                 return web.json_response({"error": "unauthorized"}, status=401,
                                          headers={"WWW-Authenticate": "Bearer"})
         result: web.StreamResponse = await handler(request)

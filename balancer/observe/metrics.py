@@ -17,10 +17,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from ..version import installed_version
 from .stats import CODE_CLASSES, CONNECT_BUCKETS, DURATION_BUCKETS, Cell, Traffic
 
 if TYPE_CHECKING:
@@ -31,6 +32,9 @@ if TYPE_CHECKING:
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 BACKEND_STATES = ("up", "down", "ejected", "draining", "disabled", "quarantined")
 CONNECTION_STATES = ("in_use", "idle", "opening")
+
+
+VERSION = installed_version()
 
 
 class BalancerCollector(Collector):
@@ -53,9 +57,9 @@ class BalancerCollector(Collector):
         yield from self._backends()
         yield from self._connections()
         yield from self._workers()
-        info = GaugeMetricFamily("balancer_info", "Configuration in use (value is always 1)",
-                                 labels=["config_sha256"])
-        info.add_metric([self.config_sha256], 1)
+        info = GaugeMetricFamily("balancer_info", "Version and configuration in use (value is always 1)",
+                                 labels=["version", "config_sha256"])
+        info.add_metric([VERSION, self.config_sha256], 1)
         yield info
         yield GaugeMetricFamily("balancer_start_time_seconds", "Unix time balancer started",
                                 value=self.started_at)
@@ -221,8 +225,11 @@ def _go_float(bound: float) -> str:
 
 
 def new_registry(collector: Collector) -> CollectorRegistry:
+    """A registry of its own with ``collector`` and the process's own metrics (``process_*``: CPU,
+    memory, open files, start time; prometheus-client's collector)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
+    ProcessCollector(registry=registry)
     return registry
 
 

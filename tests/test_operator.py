@@ -1,0 +1,87 @@
+"""Operator experience: durations in Go's form, extension keys, secrets kept out of `check`'s output,
+addresses that cannot work refused, `--version`, Bearer tokens read as RFC 9110 says, process metrics."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from balancer.config.load import dump_effective, parse_config, parse_duration
+from balancer.errors import ConfigError
+from tests.conftest import raw_request
+
+POOL = "pools: {web: {servers: [127.0.0.1:9001]}}\n"
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("1m30s", 90.0), ("250us", 0.00025), ("1h30m", 5400.0),
+                                                ("1.5s", 1.5), ("500ms", 0.5), ("2", 2.0)])
+def test_durations_in_go_form(text: str, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+def test_a_bad_duration_says_what_is_expected() -> None:
+    with pytest.raises(ConfigError, match="like '2s', '500ms' or '1m30s'"):
+        parse_duration("1m30")
+
+
+def test_extension_keys_hold_anchors_and_are_ignored() -> None:
+    config = parse_config("x-health: &checks {interval: 1s, rise: 1}\n"
+                          "pools:\n  web:\n    x-note: anything\n    servers: [127.0.0.1:9001]\n"
+                          "    health: *checks\n", "x.yaml")
+    assert config.pools["web"].health is not None and config.pools["web"].health.rise == 1
+
+
+def test_check_keeps_secrets_out_unless_asked() -> None:
+    hashed = "$2b$04$" + "a" * 53
+    config = parse_config("admin: {token: s3cret}\npools:\n  web:\n"
+                          "    spawn: {command: [python, -m, backends], env: {DB_PASSWORD: hunter2}}\n"
+                          f"routes:\n  - {{pool: web, basic_auth: {{users: {{alice: '{hashed}'}}}}}}\n", "x.yaml")
+    shown = dump_effective(config)
+    assert "s3cret" not in shown and "hunter2" not in shown and hashed not in shown
+    assert "token: <redacted>" in shown and "DB_PASSWORD: <redacted>" in shown
+    revealed = dump_effective(config, show_secrets=True)
+    assert "s3cret" in revealed and "hunter2" in revealed
+    assert hashed.replace("$", "$$") in revealed            # "$" doubled: reading it back substitutes nothing
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("listen: {host: 127.0.0.1, port: 8081}\nadmin: {host: 127.0.0.1, port: 8081}\n",
+     r"x.yaml:2: admin: 127.0.0.1:8081 is also listen\[0\]'s address"),
+    ("listen: {host: 999.1.1.1, port: 8080}\n", r"listen\[0\].host: host '999.1.1.1' is neither an IP"),
+])
+def test_addresses_that_cannot_work_are_refused(text: str, problem: str) -> None:
+    with pytest.raises(ConfigError, match=problem):
+        parse_config(text + POOL, "x.yaml")
+
+
+def test_version_and_a_usage_without_internals() -> None:
+    version = subprocess.run([sys.executable, "-m", "balancer", "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and version.stdout.startswith("balancer ")
+    usage = subprocess.run([sys.executable, "-m", "balancer", "--help"], capture_output=True, text=True)
+    assert "_replica" not in usage.stdout and "restart-workers" in usage.stdout
+
+
+async def test_bearer_is_case_insensitive_and_a_bad_header_is_a_401(balancer_factory: Any) -> None:
+    balancer = await balancer_factory("listen: {host: 127.0.0.1, port: 0}\n"
+                                      "admin: {host: 127.0.0.1, port: 0, token: t0k}\n" + POOL)
+    port = balancer.admin.bound_port
+
+    async def stats(authorization: bytes) -> bytes:
+        return await raw_request(port, b"GET /stats HTTP/1.1\r\nHost: x\r\nAuthorization: " + authorization
+                                 + b"\r\nConnection: close\r\n\r\n")
+    assert (await stats(b"bearer t0k")).startswith(b"HTTP/1.1 200 ")
+    assert (await stats(b"Bearer t0k")).startswith(b"HTTP/1.1 200 ")
+    assert (await stats(b"Bearer \xff\xfe")).startswith(b"HTTP/1.1 401 ")
+    assert (await stats(b"Basic dDBr")).startswith(b"HTTP/1.1 401 ")
+
+
+async def test_metrics_name_the_version_and_the_process(balancer_factory: Any) -> None:
+    balancer = await balancer_factory("listen: {host: 127.0.0.1, port: 0}\nadmin: {host: 127.0.0.1, port: 0}\n"
+                                      + POOL)
+    answer = await raw_request(balancer.admin.bound_port,
+                               b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert b'balancer_info{config_sha256="' in answer and b'version="' in answer
+    assert b"process_resident_memory_bytes" in answer and b"process_open_fds" in answer
