@@ -85,3 +85,13 @@ async def test_metrics_name_the_version_and_the_process(balancer_factory: Any) -
                                b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert b'balancer_info{config_sha256="' in answer and b'version="' in answer
     assert b"process_resident_memory_bytes" in answer and b"process_open_fds" in answer
+
+
+def test_one_size_grammar_everywhere() -> None:
+    config = parse_config("limits: {max_header_size: 32k, max_body: 1G, max_request_line: 8KiB, "
+                          "max_response_header: 64KB}\n" + POOL, "x.yaml")
+    limits = config.limits
+    assert (limits.max_header_size, limits.max_body, limits.max_request_line, limits.max_response_header) == \
+        (32 * 1024, 1 << 30, 8192, 64_000)
+    with pytest.raises(ConfigError, match=r"limits.max_header_size: expected a size in 1024..16777216 bytes"):
+        parse_config("limits: {max_header_size: 1G}\n" + POOL, "x.yaml")

@@ -347,9 +347,11 @@ def _processes_value(value: object) -> int:
     raise ConfigError(f"expected an integer >= 1 or 'auto', got {show(value)}")
 
 
-_SIZE = re.compile(r"(?P<number>\d+(?:\.\d+)?)\s*(?P<unit>[kmg]i?b|b)?", re.IGNORECASE | re.ASCII)
+# One size grammar everywhere: bytes, KB/MB/GB (powers of 1000), KiB/MiB/GiB and nginx's k/m/g
+# (powers of 1024), in any case: 512, 32k, 32KiB, 10MB, 1G, 1GiB.
+_SIZE = re.compile(r"(?P<number>\d+(?:\.\d+)?)\s*(?P<unit>[kmg]i?b|[kmg]|b)?", re.IGNORECASE | re.ASCII)
 _SIZE_UNITS = {None: 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9,
-               "kib": 2**10, "mib": 2**20, "gib": 2**30}
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "k": 2**10, "m": 2**20, "g": 2**30}
 
 
 def _size_value(value: object) -> int:
@@ -357,9 +359,18 @@ def _size_value(value: object) -> int:
         return value
     match = _SIZE.fullmatch(value.strip()) if isinstance(value, str) else None
     if match is None:
-        raise ConfigError(f"expected a size in bytes like 1048576 or '10MiB', got {show(value)}")
+        raise ConfigError(f"expected a size like 1048576, '32k', '10MiB' or '1G', got {show(value)}")
     unit = match["unit"].lower() if match["unit"] else None
     return int(float(match["number"]) * _SIZE_UNITS[unit])
+
+
+def _size(low: int, high: int) -> Converter:
+    def check(value: object) -> int:
+        size = _size_value(value)
+        if not low <= size <= high:
+            raise ConfigError(f"expected a size in {low}..{high} bytes, got {show(value)}")
+        return size
+    return _scalar(check)
 
 
 _STATUS_RANGE = re.compile(r"(\d{3})(?:\s*-\s*(\d{3}))?", re.ASCII)
@@ -811,8 +822,8 @@ _LOG: Schema = {"level": ("level", _choice(*LOG_LEVELS)),
 _SHUTDOWN: Schema = {"drain_timeout": ("drain_timeout_s", _duration()),
                      "worker_stop_timeout": ("worker_stop_timeout_s", _duration())}
 _LIMITS: Schema = {"max_body": ("max_body", _scalar(_size_value)),
-                   "max_request_line": ("max_request_line", _integer(256, 1 << 20)),
-                   "max_header_size": ("max_header_size", _integer(1024, 1 << 24)),
+                   "max_request_line": ("max_request_line", _size(256, 1 << 20)),
+                   "max_header_size": ("max_header_size", _size(1024, 1 << 24)),
                    "max_headers": ("max_headers", _integer(1, 10000)),
                    "max_connections": ("max_connections", _integer(0)),
                    "max_response_header": ("max_response_header", _scalar(_size_value))}
