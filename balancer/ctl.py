@@ -51,6 +51,7 @@ def call(url: str, path: str, token: str | None, method: str = "GET",
          timeout: float = TIMEOUT_S) -> tuple[int, Any]:
     """(status, decoded JSON) of one admin request. 2xx only; anything else raises AdminError."""
     request = urllib.request.Request(url + path, method=method, data=b"" if method == "POST" else None)
+    request.add_header("X-Balancer-Admin", "1")       # the admin API's CSRF guard (see control/admin.py)
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:

@@ -37,7 +37,8 @@ class AdminClient:
     def __init__(self, session: aiohttp.ClientSession, balancer: Any, token: str | None = None) -> None:
         self.session = session
         self.base = f"http://127.0.0.1:{balancer.admin.bound_port}"
-        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        # An operator's client: the admin API's CSRF guard wants this header on changes.
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {"X-Balancer-Admin": "1"}
 
     async def json(self, path: str, method: str = "GET", status: int = 200) -> Any:
         async with self.session.request(method, self.base + path, headers=self.headers) as resp:

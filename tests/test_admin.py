@@ -30,7 +30,8 @@ async def test_token_required_except_healthz(backend_ports: Any, balancer_factor
                 assert resp.status == 401, path
             async with session.get(base + path, headers={"Authorization": "Bearer s3cret"}) as resp:
                 assert resp.status == 200, path
-        async with session.post(f"{base}/backends/web/127.0.0.1:{ports[0]}/drain") as resp:
+        async with session.post(f"{base}/backends/web/127.0.0.1:{ports[0]}/drain",
+                                headers={"X-Balancer-Admin": "1"}) as resp:
             assert resp.status == 401
         assert balancer.registry.pools["web"].ready        # the refused action did nothing
 
@@ -137,7 +138,7 @@ async def test_drain_disable_enable(backend_ports: Any, balancer_factory: Any) -
         assert len(balancer.registry.pools["web"].ready) == 1
         assert (await admin.json(f"/backends/web/{name}/enable", method="POST"))["state"] == "up"
         assert len(balancer.registry.pools["web"].ready) == 2
-        async with session.post(admin.base + "/backends/web/nope/drain") as resp:
+        async with session.post(admin.base + "/backends/web/nope/drain", headers=admin.headers) as resp:
             assert resp.status == 404
         one = await admin.json(f"/stats/backends/web/{name}")
     assert one["id"] == f"web/{name}"
@@ -158,7 +159,7 @@ async def test_drain_wait_returns_when_in_flight_ends(backend_ports: Any, balanc
         assert cut["drain"]["drained"] is False
         assert cut["drain"]["in_flight"] == 1
         assert len(cut["drain"]["busy_connections"]) == 1
-        async with session.post(admin.base + path + "?wait=soon") as resp:
+        async with session.post(admin.base + path + "?wait=soon", headers=admin.headers) as resp:
             assert resp.status == 400
         done = await admin.json(path + "?wait=20s", method="POST")
         assert done["drain"]["drained"] is True

@@ -70,7 +70,7 @@ async def test_bearer_is_case_insensitive_and_a_bad_header_is_a_401(balancer_fac
     port = balancer.admin.bound_port
 
     async def stats(authorization: bytes) -> bytes:
-        return await raw_request(port, b"GET /stats HTTP/1.1\r\nHost: x\r\nAuthorization: " + authorization
+        return await raw_request(port, b"GET /stats HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: " + authorization
                                  + b"\r\nConnection: close\r\n\r\n")
     assert (await stats(b"bearer t0k")).startswith(b"HTTP/1.1 200 ")
     assert (await stats(b"Bearer t0k")).startswith(b"HTTP/1.1 200 ")
@@ -82,7 +82,7 @@ async def test_metrics_name_the_version_and_the_process(balancer_factory: Any) -
     balancer = await balancer_factory("listen: {host: 127.0.0.1, port: 0}\nadmin: {host: 127.0.0.1, port: 0}\n"
                                       + POOL)
     answer = await raw_request(balancer.admin.bound_port,
-                               b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                               b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
     assert b'balancer_info{config_sha256="' in answer and b'version="' in answer
     assert b"process_resident_memory_bytes" in answer and b"process_open_fds" in answer
 
@@ -95,3 +95,26 @@ def test_one_size_grammar_everywhere() -> None:
         (32 * 1024, 1 << 30, 8192, 64_000)
     with pytest.raises(ConfigError, match=r"limits.max_header_size: expected a size in 1024..16777216 bytes"):
         parse_config("limits: {max_header_size: 1G}\n" + POOL, "x.yaml")
+
+
+async def test_a_web_page_cannot_drive_or_read_the_admin_api(balancer_factory: Any, backend_ports: Any) -> None:
+    """Without a token: the cross-origin form POST of the report (Origin: http://evil.example, a
+    form content type) is refused, and so is a POST without the admin header; DNS rebinding (a
+    Host that is not loopback's) cannot read /stats. An operator's client still works."""
+    (port,) = await backend_ports(1)
+    balancer = await balancer_factory("listen: {host: 127.0.0.1, port: 0}\nadmin: {host: 127.0.0.1, port: 0}\n"
+                                      f"pools: {{web: {{servers: [127.0.0.1:{port}]}}}}\n")
+    admin = balancer.admin.bound_port
+    drain = f"POST /backends/web/127.0.0.1:{port}/drain HTTP/1.1\r\n".encode()
+
+    async def ask(head: bytes) -> bytes:
+        return await raw_request(admin, head + b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+    attack = await ask(drain + b"Host: 127.0.0.1\r\nOrigin: http://evil.example\r\n"
+                               b"Content-Type: application/x-www-form-urlencoded\r\n")
+    assert attack.startswith(b"HTTP/1.1 403 ")
+    assert (await ask(drain + b"Host: 127.0.0.1\r\n")).startswith(b"HTTP/1.1 403 ")
+    rebound = await ask(b"GET /stats HTTP/1.1\r\nHost: evil.example:8081\r\n")
+    assert rebound.startswith(b"HTTP/1.1 403 ")
+    assert balancer.registry.find(f"web/127.0.0.1:{port}").admin.value == "enabled"
+    assert (await ask(drain + b"Host: localhost\r\nX-Balancer-Admin: 1\r\n")).startswith(b"HTTP/1.1 200 ")
+    assert balancer.registry.find(f"web/127.0.0.1:{port}").admin.value == "draining"

@@ -27,7 +27,7 @@ def _get(url: str) -> tuple[int, dict[str, str], bytes]:
 
 
 def _post(url: str) -> Any:
-    request = urllib.request.Request(url, method="POST", data=b"")
+    request = urllib.request.Request(url, method="POST", data=b"", headers={"X-Balancer-Admin": "1"})
     with urllib.request.urlopen(request, timeout=10) as resp:
         return json.load(resp)
 
@@ -109,7 +109,8 @@ async def test_reload_reaches_every_proxy_process(balancer_process: Any, backend
     config_file.write_text(CONFIG + f"  api:\n    servers: [{{address: 127.0.0.1:{api_port}}}]\n"
                            "routes:\n  - {path_prefix: /api, pool: api}\n  - {path_prefix: /, pool: web}\n")
     async with aiohttp.ClientSession() as session:
-        async with session.post(f"http://127.0.0.1:{admin}/reload?wait=10s") as resp:
+        async with session.post(f"http://127.0.0.1:{admin}/reload?wait=10s",
+                                headers={"X-Balancer-Admin": "1"}) as resp:
             assert (await resp.json())["reloaded"] is True
 
         async def backends_seen() -> set[str]:

@@ -194,9 +194,9 @@ async def test_rate_limit_answers_429_and_counts_it_per_route(
     assert header(limited, "X-Balancer-Error") == "rate_limited"
     assert header(limited, "Retry-After") == "60"
     assert status(await get(port, "/echo", extra="X-Api-Key: k2\r\n")) == 200     # its own bucket
-    stats = json.loads((await get(balancer.admin.bound_port, "/stats")).split(b"\r\n\r\n", 1)[1])
+    stats = json.loads((await get(balancer.admin.bound_port, "/stats", "127.0.0.1")).split(b"\r\n\r\n", 1)[1])
     assert stats["routes"]["limited"]["errors"] == {"rate_limited": 1}
-    metrics = (await get(balancer.admin.bound_port, "/metrics")).decode()
+    metrics = (await get(balancer.admin.bound_port, "/metrics", "127.0.0.1")).decode()
     assert 'balancer_route_errors_total{kind="rate_limited",route="limited"} 1.0' in metrics
 
 
@@ -315,11 +315,11 @@ async def test_injected_faults_are_answered_and_counted_apart(
     asked = await get(balancer.port, "/echo", extra="X-Balancer-Fault-Abort: 418\r\n")
     assert status(asked) == 418
     assert status(await get(balancer.port, "/echo")) == 200
-    stats = json.loads((await get(balancer.admin.bound_port, "/stats")).split(b"\r\n\r\n", 1)[1])
+    stats = json.loads((await get(balancer.admin.bound_port, "/stats", "127.0.0.1")).split(b"\r\n\r\n", 1)[1])
     assert stats["routes"]["slow"]["faults"] == {"delay": 1}
     assert stats["routes"]["broken"]["faults"] == {"abort": 1}
     assert stats["routes"]["asked"]["faults"] == {"abort": 1}
-    metrics = (await get(balancer.admin.bound_port, "/metrics")).decode()
+    metrics = (await get(balancer.admin.bound_port, "/metrics", "127.0.0.1")).decode()
     assert 'balancer_injected_faults_total{kind="abort",route="broken"} 1.0' in metrics
 
 

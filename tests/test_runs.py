@@ -18,7 +18,8 @@ def config(port: int) -> str:
 
 async def admin(balancer: Any, path: str, method: str = "GET") -> dict[str, Any]:
     answer = await raw_request(balancer.admin.bound_port,
-                               f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
+                               f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Balancer-Admin: 1\r\n"
+                               "Content-Length: 0\r\n"
                                "Connection: close\r\n\r\n".encode())
     return json.loads(answer.split(b"\r\n\r\n", 1)[1])
 

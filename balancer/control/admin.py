@@ -7,6 +7,11 @@ registers two proxy observers (:class:`~balancer.observe.stats.Traffic` and
 :class:`~balancer.observe.slowlog.SlowLog`); without an ``admin:`` section neither exists and
 requests pay nothing for them.
 
+A web page the operator visits must not drive this API (CSRF), nor read it through DNS rebinding: on a
+loopback listener the Host must name loopback; an ``Origin`` must be this listener's; and without a
+token, a state-changing request needs the ``X-Balancer-Admin`` header or a JSON body (neither can be
+sent cross-origin without a preflight, which is never answered). All three answer 403.
+
 With a token configured, every endpoint but ``/healthz`` and the dashboard page itself requires
 ``Authorization: Bearer TOKEN`` (compared in constant time). The page holds no data: its script reads
 the token from the URL fragment (``/#token=...``, never sent to the server) and sends it with each poll.
@@ -18,6 +23,7 @@ import asyncio
 import contextlib
 import hmac
 import importlib.resources
+import ipaddress
 import logging
 import time
 import uuid
@@ -43,6 +49,9 @@ from .weblistener import WebListener
 
 log = logging.getLogger(__name__)
 
+# Without a token, a state-changing request must carry this header (or a JSON body): a cross-origin
+# page can send neither without a CORS preflight, which this API never answers.
+ADMIN_HEADER = "X-Balancer-Admin"
 MAX_DRAIN_WAIT_S = 3600.0
 DRAIN_POLL_S = 0.05
 SERIES_SECONDS = 300
@@ -91,6 +100,7 @@ class Admin:
         self.port = cfg.port
         self.token = cfg.token
         self._listener = WebListener(cfg.host, cfg.port)
+        self._loopback = _loopback_host(cfg.host)
         self.traffic = Traffic()
         self.slowlog = SlowLog(cfg.slowlog_threshold_s, cfg.slowlog_size)
         balancer.proxy.add_observer(self.traffic.observe)
@@ -118,7 +128,7 @@ class Admin:
         self._connection_baselines.pop(backend.id, None)
 
     def application(self) -> web.Application:
-        app = web.Application(middlewares=[self._auth])
+        app = web.Application(middlewares=[self._guard, self._auth])
         app.router.add_get("/", self.dashboard)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
@@ -134,6 +144,22 @@ class Admin:
         for action in ("drain", "disable", "enable"):
             app.router.add_post(f"/backends/{{pool}}/{{name}}/{action}", self.set_admin_state)
         return app
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """What a web page the operator visits must not be able to do (see the module docstring)."""
+        if self._loopback and not _loopback_host(request.host):
+            return web.json_response({"error": f"Host {request.host!r} is not this loopback listener's"},
+                                     status=403)
+        origin = request.headers.get("Origin")
+        if origin is not None and origin not in (f"http://{request.host}", f"https://{request.host}"):
+            return web.json_response({"error": f"cross-origin request from {origin!r}"}, status=403)
+        if request.method not in ("GET", "HEAD") and not self.token and ADMIN_HEADER not in request.headers \
+                and request.content_type != "application/json":
+            return web.json_response({"error": f"a change needs the {ADMIN_HEADER} header (or a token)"},
+                                     status=403)
+        result: web.StreamResponse = await handler(request)
+        return result
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -426,3 +452,14 @@ class Admin:
         yield GaugeMetricFamily("balancer_uptime_seconds", "Seconds since balancer started",
                                 value=time.time() - self.balancer.started_at)
 
+
+def _loopback_host(host: str) -> bool:
+    """``host`` (a listener's, or a request's Host with its port) names this machine's loopback."""
+    name = host.rsplit(":", 1)[0] if host.count(":") == 1 or (host.startswith("[") and "]:" in host) else host
+    name = name.strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
