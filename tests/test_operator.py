@@ -118,3 +118,38 @@ async def test_a_web_page_cannot_drive_or_read_the_admin_api(balancer_factory: A
     assert balancer.registry.find(f"web/127.0.0.1:{port}").admin.value == "enabled"
     assert (await ask(drain + b"Host: localhost\r\nX-Balancer-Admin: 1\r\n")).startswith(b"HTTP/1.1 200 ")
     assert balancer.registry.find(f"web/127.0.0.1:{port}").admin.value == "draining"
+
+
+async def test_reload_applies_admin_and_log_settings(balancer_factory: Any, tmp_path: Any) -> None:
+    """The report: a changed admin token was ignored by reload ("no change") and the old one kept
+    working. Now the token, the admin address, the log level and the access log all follow a reload."""
+    import asyncio
+    import logging
+
+    from tests.conftest import async_wait_until, free_port
+    base = "listen: {host: 127.0.0.1, port: 0}\n" + POOL
+    level = logging.getLogger().level
+    balancer = await balancer_factory(base + "admin: {host: 127.0.0.1, port: 0, token: old}\n")
+    first = balancer.admin.bound_port
+
+    async def stats(port: int, token: str) -> bytes:
+        return await raw_request(port, f"GET /stats HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}"
+                                       "\r\nConnection: close\r\n\r\n".encode())
+    moved = free_port()
+    access = tmp_path / "access.log"
+    changes = await balancer.reload(parse_config(
+        base + f"admin: {{host: 127.0.0.1, port: {moved}, token: new}}\n"
+        f"log: {{level: warning, access_log: true, access_log_path: {access}}}\n", "<test>"))
+    assert "admin token changed" in changes and f"admin moved to 127.0.0.1:{moved}" in changes
+    assert "log level info -> warning" in changes
+    assert (await stats(moved, "new")).startswith(b"HTTP/1.1 200 ")
+    assert (await stats(moved, "old")).startswith(b"HTTP/1.1 401 ")
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", first)           # the old socket is closed
+    try:
+        assert logging.getLogger().level == logging.WARNING
+    finally:
+        logging.getLogger().setLevel(level)
+    await raw_request(balancer.port, b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    await async_wait_until(lambda: access.exists() and b"GET /x" in access.read_bytes(), timeout=5,
+                           message="the access log, switched on by a reload")

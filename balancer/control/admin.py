@@ -34,7 +34,7 @@ from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from ..config.load import parse_duration
-from ..config.models import Config
+from ..config.models import AdminConfig, Config
 from ..dataplane.connections import ConnectionTable
 from ..dataplane.proxy import Proxy
 from ..errors import ConfigError
@@ -172,6 +172,25 @@ class Admin:
                                          headers={"WWW-Authenticate": "Bearer"})
         result: web.StreamResponse = await handler(request)
         return result
+
+    async def apply(self, cfg: AdminConfig) -> list[str]:
+        """Reload: the token, the slow log's settings and the address (the new socket first)."""
+        changes = []
+        if cfg.token != self.token:
+            self.token = cfg.token
+            changes.append("admin token changed")
+        if (cfg.slowlog_threshold_s, cfg.slowlog_size) != (self.slowlog.threshold_s, self.slowlog.size):
+            self.slowlog.configure(cfg.slowlog_threshold_s, cfg.slowlog_size)
+            changes.append("slow log settings changed")
+        if (cfg.host, cfg.port) != (self.host, self.port):
+            moved = WebListener(cfg.host, cfg.port)
+            await moved.start(self.application())
+            old, self._listener = self._listener, moved
+            self.host, self.port = cfg.host, cfg.port
+            self._loopback = _loopback_host(cfg.host)
+            await old.aclose()
+            changes.append(f"admin moved to {cfg.host}:{self.bound_port}")
+        return changes
 
     async def start(self) -> None:
         await self._listener.start(self.application())

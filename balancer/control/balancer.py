@@ -335,6 +335,32 @@ class Balancer:
             return not pending
         return True
 
+    async def apply_admin_and_log(self, old: Config, new: Config) -> list[str]:
+        """Reload: admin.* and log.* (an admin section added or removed needs a restart)."""
+        changes: list[str] = []
+        if (old.admin is None) != (new.admin is None):
+            changes.append("admin section added or removed: needs a restart, not applied")
+        elif self.admin is not None and new.admin is not None and new.admin != old.admin:
+            changes += await self.admin.apply(new.admin)
+        if new.log.level != old.log.level:
+            logging.getLogger().setLevel(new.log.level.upper())
+            changes.append(f"log level {old.log.level} -> {new.log.level}")
+        log_cfg = new.log
+        if (log_cfg.access_log, log_cfg.access_log_format, log_cfg.access_log_path) != \
+                (old.log.access_log, old.log.access_log_format, old.log.access_log_path):
+            retired = self.access_log
+            self.access_log = None
+            if log_cfg.access_log:
+                self.access_log = AccessLog(log_cfg.access_log_format, log_cfg.access_log_path)
+                self.access_log.start()
+                self.proxy.add_observer(self.access_log.observe)
+            if retired is not None:
+                self.proxy.remove_observer(retired.observe)
+                await retired.aclose()
+            where = f"{log_cfg.access_log_format} to {log_cfg.access_log_path or 'stdout'}"
+            changes.append(f"access log {where if log_cfg.access_log else 'off'}")
+        return changes
+
     async def apply_listen(self, listen: tuple[ListenConfig, ...], timeouts: ClientTimeoutsConfig,
                            tls: list[ServerTLS | None]) -> list[str]:
         """Reload: new listeners open before old ones close; kept ones take new certificates."""

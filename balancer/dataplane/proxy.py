@@ -200,6 +200,9 @@ class Proxy:
         """``observer`` is told every finished request."""
         self.observers = (*self.observers, observer)
 
+    def remove_observer(self, observer: Callable[[RequestRecord], None]) -> None:
+        self.observers = tuple(o for o in self.observers if o != observer)
+
     def add_outcome_listener(self, listener: Callable[[Backend, bool, int], None]) -> None:
         """``listener`` is told (backend, ok, status) after every attempt that reached a verdict:
         ``ok`` False for a transport failure (connect error, reset, empty reply, timeout, a body cut),

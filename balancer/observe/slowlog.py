@@ -32,6 +32,13 @@ class SlowLog:
             self.total += 1
             self._entries.append((self._next_id, record))
 
+    def configure(self, threshold_s: float, size: int) -> None:
+        """Reload: a new threshold and size (the slowest kept so far stay, up to ``size``)."""
+        self.threshold_s = threshold_s
+        if size != self.size:
+            self.size = size
+            self._entries = deque(self._entries, maxlen=size)
+
     def __len__(self) -> int:
         return len(self._entries)
 
