@@ -21,7 +21,7 @@ TEXT_LINE = re.compile(
     r'"(?P<referer>[^"]*)" "(?P<agent>[^"]*)" rid=(?P<rid>\S+) '
     r"route=(?P<route>\S+) pool=(?P<pool>\S+) backend=(?P<backend>\S+) upstream_status=(?P<us>\S+) "
     r"attempts=(?P<attempts>\d+) queue_ms=[\d.]+ connect_ms=[\d.]+ ttfb_ms=[\d.]+ "
-    r"total_ms=(?P<total>[\d.]+) error=(?P<error>\S+) listener=(?P<listener>\S+)$")
+    r'total_ms=(?P<total>[\d.]+) error=(?P<error>\S+) listener=(?P<listener>\S+) host="(?P<host>[^"]*)"$')
 
 
 def sample_record() -> RequestRecord:
@@ -128,3 +128,13 @@ routes:
     assert first["version"] == "1.1" and "aiohttp" in first["agent"] and first["referer"] == "-"
     assert (first["route"], first["backend"], first["us"]) == ("app", f"web/127.0.0.1:{ports[0]}", "404")
     assert (second["route"], second["backend"], second["error"]) == ("-", "-", "no_route")
+
+
+def test_both_formats_name_the_host_and_the_listener() -> None:
+    record = sample_record()
+    record.headers = [(b"Host", b"shop.example.com"), (b"Accept", b"*/*")]
+    record.listener = "https"
+    m = TEXT_LINE.match(format_text(record))
+    assert m is not None and (m["host"], m["listener"], m["route"]) == ("shop.example.com", "https", "main")
+    data = json.loads(format_json(record))
+    assert (data["host"], data["listener"], data["route"]) == ("shop.example.com", "https", "main")

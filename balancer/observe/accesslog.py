@@ -84,7 +84,7 @@ def _field(r: RequestRecord, name: bytes) -> str:
 
 _TEXT = ('%s - - [%s] "%s %s HTTP/%s" %d %d "%s" "%s" rid=%s route=%s pool=%s backend=%s '
          "upstream_status=%s attempts=%d queue_ms=%.3f connect_ms=%.3f ttfb_ms=%.3f total_ms=%.3f error=%s "
-         "listener=%s")
+         'listener=%s host="%s"')
 
 
 def format_text(r: RequestRecord) -> str:
@@ -94,13 +94,13 @@ def format_text(r: RequestRecord) -> str:
                     r.version, r.status, r.bytes_out, _field(r, b"referer"), _field(r, b"user-agent"),
                     r.request_id.decode("latin-1") or "-", r.route or "-", r.pool or "-", r.backend or "-",
                     r.upstream_status or "-", r.attempts, r.queue_s * 1000, r.connect_s * 1000,
-                    r.ttfb_s * 1000, r.total_s * 1000, r.error or "-", r.listener or "-")
+                    r.ttfb_s * 1000, r.total_s * 1000, r.error or "-", r.listener or "-", _field(r, b"host"))
 
 
 _JSON = ('{"time":"%s","client":%s,"method":%s,"target":%s,"version":"%s","referer":%s,"user_agent":%s,'
          '"status":%d,"upstream_status":%d,"bytes_in":%d,"bytes_out":%d,"route":%s,"pool":%s,"backend":%s,'
          '"attempts":%d,"error":%s,"request_id":%s,"queue_ms":%.3f,"connect_ms":%.3f,"ttfb_ms":%.3f,'
-         '"total_ms":%.3f,"listener":%s}')
+         '"total_ms":%.3f,"listener":%s,"host":%s}')
 
 
 def format_json(r: RequestRecord) -> str:
@@ -110,7 +110,8 @@ def format_json(r: RequestRecord) -> str:
                     _json_str(_header(r, b"user-agent") or ""), r.status, r.upstream_status, r.bytes_in,
                     r.bytes_out, _json_str(r.route), _json_str(r.pool), _json_str(r.backend), r.attempts,
                     _json_str(r.error), _json_str(r.request_id.decode("latin-1")), r.queue_s * 1000,
-                    r.connect_s * 1000, r.ttfb_s * 1000, r.total_s * 1000, _json_str(r.listener))
+                    r.connect_s * 1000, r.ttfb_s * 1000, r.total_s * 1000, _json_str(r.listener),
+                    _json_str(_header(r, b"host") or ""))
 
 
 FORMATTERS: dict[str, Callable[[RequestRecord], str]] = {"text": format_text, "json": format_json}
