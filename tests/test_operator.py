@@ -153,3 +153,10 @@ async def test_reload_applies_admin_and_log_settings(balancer_factory: Any, tmp_
     await raw_request(balancer.port, b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     await async_wait_until(lambda: access.exists() and b"GET /x" in access.read_bytes(), timeout=5,
                            message="the access log, switched on by a reload")
+
+
+def test_a_variable_in_flow_style_gets_a_message_that_says_what_to_do() -> None:
+    with pytest.raises(ConfigError, match=r"x.yaml:1: invalid YAML: .*write that section in block style"):
+        parse_config("listen: {host: 127.0.0.1, port: ${PORT}}\n" + POOL, "x.yaml", {"PORT": "80"})
+    config = parse_config("listen:\n  host: 127.0.0.1\n  port: ${PORT}\n" + POOL, "x.yaml", {"PORT": "80"})
+    assert config.listen[0].port == 80

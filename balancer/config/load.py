@@ -150,6 +150,11 @@ def _compose(text: str, source: str) -> tuple[Loader, yaml.Node | None]:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         problem = "; ".join(part for part in (exc.context, exc.problem) if part)
+        line_text = text.splitlines()[mark.line] if mark and mark.line < len(text.splitlines()) else ""
+        if "${" in line_text and "{" in line_text.replace("${", ""):
+            # `{port: ${PORT}}`: in flow style YAML reads `{` as a nested mapping.
+            problem += ("; inside {...} or [...] YAML reads ${VAR}'s '{' as a nested mapping: write that "
+                        "section in block style, one key a line (port: ${PORT})")
         raise ConfigError(f"invalid YAML: {problem}", file=source,
                           line=mark.line + 1 if mark else None) from None
     except yaml.reader.ReaderError as exc:
