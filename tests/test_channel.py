@@ -47,7 +47,9 @@ async def test_a_failed_feed_is_logged_and_its_replica_killed_to_be_restarted(
                                       "pools: {web: {servers: [127.0.0.1:9]}}\n")
     processes = ProxyProcesses(balancer, 2, "<test>")
     replica = Replica(1)
-    replica.process = await asyncio.create_subprocess_exec(sys.executable, "-c", "import time; time.sleep(30)")
+    # A stand-in replica: a process that runs until it is killed (it waits on a stdin nobody writes).
+    replica.process = await asyncio.create_subprocess_exec(sys.executable, "-c", "import sys; sys.stdin.read()",
+                                                           stdin=asyncio.subprocess.PIPE)
     try:
         with caplog.at_level(logging.ERROR, logger="balancer.control.replicas"):
             feed = processes.watch_feed(replica, await feed_reader(frame({"in_flight": {}})

@@ -20,7 +20,7 @@ import binascii
 import hashlib
 import hmac
 
-from .headers import RawHeaders
+from .headers import RawHeaders, field_value
 
 
 def cookie_value(headers: RawHeaders, name: bytes) -> bytes | None:
@@ -40,10 +40,9 @@ def request_key(by: str, client: str, target: bytes, headers: RawHeaders) -> byt
     if by == "uri":
         return target
     if by.startswith("header:"):
-        name = by[7:].encode()
-        for field, value in headers:
-            if field.lower() == name:
-                return value
+        value = field_value(headers, by[7:].encode())
+        if value is not None:
+            return value
     elif by.startswith("cookie:"):
         cookie = cookie_value(headers, by[7:].encode())
         if cookie is not None:

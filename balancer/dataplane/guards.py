@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import bcrypt
 
-from .headers import AddressSet, RawHeaders
+from .headers import AddressSet, RawHeaders, field_value
 
 MAX_PENDING_CHECKS = 64
 CACHE_TTL_S = 300.0
@@ -76,7 +76,7 @@ class BasicAuth:
         self._pending = 0
 
     async def check(self, headers: RawHeaders) -> None:
-        value = next((v for n, v in headers if n.lower() == b"authorization"), None)
+        value = field_value(headers, b"authorization")
         if value is None or value[:6].lower() != b"basic ":
             raise Refused(401, "unauthorized", self._challenge)
         tag = hmac.new(self._key, value, hashlib.sha256).digest()
@@ -131,9 +131,9 @@ class RateLimiter:
 
     def key_of(self, client: bytes, headers: RawHeaders) -> bytes:
         if self._header:
-            for name, value in headers:
-                if name.lower() == self._header:
-                    return b"h:" + value
+            value = field_value(headers, self._header)
+            if value is not None:
+                return b"h:" + value
         return client
 
     def take(self, key: bytes) -> None:

@@ -210,12 +210,18 @@ class HeaderEdits:
         return block + self._append
 
 
+def field_value(headers: RawHeaders, name: bytes) -> bytes | None:
+    """The value of the first field called ``name`` (lower case), or None."""
+    size = len(name)
+    for field, value in headers:
+        if len(field) == size and field.lower() == name:
+            return value
+    return None
+
+
 def request_host(headers: RawHeaders) -> bytes:
     """The request's Host value (the front door refuses a request with more than one)."""
-    for name, value in headers:
-        if len(name) == 4 and name.lower() == b"host":
-            return value
-    return b""
+    return field_value(headers, b"host") or b""
 
 
 def _without(block: bytes, names: frozenset[bytes]) -> bytes:

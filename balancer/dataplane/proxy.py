@@ -65,6 +65,7 @@ from .headers import (
     HeaderEdits,
     RequestHead,
     client_address,
+    field_value,
     request_fields,
     request_host,
     response_fields,
@@ -284,9 +285,11 @@ class Proxy:
                 if route.request_edits is not None:
                     fields = route.request_edits.apply(fields)
                 rest = fields + framing + b"\r\n"
+                # A valid sticky cookie's backend (read once: the pick and the answer need it).
+                sticky_id = runtime.sticky.backend_id(request.headers) if runtime.sticky is not None else None
                 lease, conn, response_head = await self._exchange(
                     runtime, request, line, rest, not head_info.host, body, streamed_body, retry_ok,
-                    tunnel, record)
+                    tunnel, record, sticky_id)
             except (UpstreamError, BodyTooLarge, ClientBodyTimeout, ClientBodyInvalid) as exc:
                 status, kind = FAILURES.get(type(exc), (502, "error"))
                 if isinstance(exc, ClientBodyInvalid):
@@ -297,7 +300,7 @@ class Proxy:
                 return self._fail(request, record, status, kind, close=status < 500)
             sticky = runtime.sticky
             append = b""
-            if sticky is not None and sticky.backend_id(request.headers) != lease.backend.id:
+            if sticky is not None and sticky_id != lease.backend.id:
                 append = sticky.set_cookie(lease.backend.id)
             if tunnel and response_head.status == 101:
                 await self._tunnel(request, lease, conn, response_head, record)
@@ -429,7 +432,7 @@ class Proxy:
 
     async def _exchange(self, runtime: PoolRuntime, request: Exchange, line: bytes, rest: bytes,
                         needs_host: bool, body: list[bytes], streamed_body: bool, retry_ok: bool,
-                        upgrade: bool, record: RequestRecord
+                        upgrade: bool, record: RequestRecord, sticky_id: str | None
                         ) -> tuple[Lease, UpstreamConnection, ResponseHead]:
         """Try backends until one answers with a response head; raise the last failure otherwise.
 
@@ -448,7 +451,6 @@ class Proxy:
         hasher = runtime.hasher
         key = request_key(runtime.hash_by, record.client, request.target, request.headers) \
             if hasher is not None else None
-        sticky_id = runtime.sticky.backend_id(request.headers) if runtime.sticky is not None else None
         for attempt_no in range(tries):
             # A request that never left costs a backend nothing to try again: only retries of
             # requests that reached one spend the retry budget.
@@ -614,7 +616,7 @@ class Proxy:
                       record: RequestRecord) -> None:
         """101 from the backend: pass it back, then relay bytes both ways (see :mod:`.tunnel`)."""
         record.status = 101
-        upgrade = next((v for n, v in head.headers if n.lower() == b"upgrade"), b"")
+        upgrade = field_value(head.headers, b"upgrade") or b""
         fields = response_fields(head.headers, record.request_id)
         tunnel: Tunnel | None = None
         try:
